@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Create .venv and install iat into it (CPU torch 2.13.0 pinned; see requirements-cpu.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-cpu.txt -e ".[$1]"

@@ -1,0 +1,184 @@
+"""The one projected-gradient engine. Every attack and inverse attack in iat is a preset of `PGD`.
+
+Adversary (Madry et al. 2018): x' = argmax_{||d|| <= eps} loss(f(x + d), y), sign-gradient ASCENT.
+Inverse adversary (Dong et al. 2023): x~ = argmin_{||d|| <= eps} CE(f(x + d), y), DEScent - the same
+loop with `descent=True`. Inputs are images in [0, 1]; eps and step sizes are in pixel units.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from ..registry import UsageError
+from .losses import ATTACK_LOSSES, LossFn
+
+NORMS = ("linf", "l2")
+BN_MODES = ("train", "eval", "keep")
+
+
+@contextmanager
+def crafting_mode(model: nn.Module, bn_mode: str = "keep") -> Iterator[nn.Module]:
+    """Parameter gradients off and BatchNorm mode set while crafting; both restored exactly after.
+
+    bn_mode: "train" (BatchNorm uses batch statistics and updates its running averages, as in
+    Madry's and Rice's code), "eval" (running statistics, as in TRADES' code) or "keep".
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        if bn_mode != "keep":
+            model.train(bn_mode == "train")
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes:
+            m.training = training
+
+
+def _rand(shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) noise drawn from `generator` on its own device, then moved next to `like`."""
+    device = generator.device if generator is not None else like.device
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
+def _randn(shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    device = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
+def _l2(v: torch.Tensor) -> torch.Tensor:
+    """Per-example l2 norm, shaped to broadcast against v."""
+    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
+
+
+@dataclass(frozen=True)
+class PGD:
+    """Projected gradient attack (Madry et al. 2018), ascent or descent, l-inf or l2.
+
+    eps: radius of the threat ball (pixel units, e.g. 8/255). step_size: per step (2/255).
+    steps: iterations (10). norm: "linf" | "l2". loss: "ce" | "cw" | "kl" or a callable
+    (logits, y, reference) -> per-example loss. descent: False for the adversary, True for the
+    inverse adversary. random_start: uniform start inside init_scale * eps. project: False takes
+    steps without projecting onto the eps-ball (N-FGSM). restarts: keep the worst case per example.
+    bn_mode: BatchNorm mode while crafting ("train" | "eval" | "keep").
+    """
+
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    norm: str = "linf"
+    loss: Union[str, LossFn] = "ce"
+    descent: bool = False
+    random_start: bool = True
+    init_scale: float = 1.0
+    project: bool = True
+    restarts: int = 1
+    bn_mode: str = "keep"
+    loss_fn: LossFn = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise UsageError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not self.eps >= 0 or (self.norm == "linf" and self.eps > 1):
+            raise UsageError(f"eps must be in [0, 1] for images in [0, 1], got {self.eps}")
+        if self.steps < 1:
+            raise UsageError(f"attack steps must be at least 1, got {self.steps}")
+        if not self.step_size > 0:
+            raise UsageError(f"attack step size must be positive, got {self.step_size}")
+        if self.restarts < 1:
+            raise UsageError(f"restarts must be at least 1, got {self.restarts}")
+        if self.bn_mode not in BN_MODES:
+            raise UsageError(f"bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}")
+        loss_fn = ATTACK_LOSSES.get(self.loss) if isinstance(self.loss, str) else self.loss
+        object.__setattr__(self, "loss_fn", loss_fn)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        reference: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """Return the perturbed batch (detached); never modifies x, y or the model's state."""
+        x = x.detach()
+        ref = reference.detach() if reference is not None else None
+        with crafting_mode(model, self.bn_mode):
+            best = self._run(model, x, y, ref, generator)
+            if self.restarts == 1:
+                return best
+            best_score = self._score(model, best, y, ref)
+            for _ in range(self.restarts - 1):
+                cand = self._run(model, x, y, ref, generator)
+                score = self._score(model, cand, y, ref)
+                better = score > best_score
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
+                best_score = torch.maximum(score, best_score)
+            return best
+
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             ref: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> torch.Tensor:
+        delta = self.init_delta(x, generator)
+        for _ in range(self.steps):
+            delta.requires_grad_(True)
+            loss = self.loss_fn(model(x + delta), y, ref)
+            (grad,) = torch.autograd.grad(loss.sum(), delta)
+            delta = self.step(x, delta.detach(), grad)
+        return (x + delta).detach()
+
+    def init_delta(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Random start inside init_scale * eps (zeros without random start), kept inside [0, 1]."""
+        radius = self.eps * self.init_scale
+        if not self.random_start or radius == 0:
+            return torch.zeros_like(x)
+        if self.norm == "linf":
+            delta = (2 * _rand(x.shape, generator, x) - 1) * radius
+        else:
+            direction = _randn(x.shape, generator, x)
+            r = _rand(x.shape[:1], generator, x).view(-1, *([1] * (x.dim() - 1)))
+            delta = direction / _l2(direction) * r * radius
+        return (x + delta.to(x.dtype)).clamp(0, 1) - x
+
+    def step(self, x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """One signed (l-inf) or normalised (l2) step, projected to the ball and to [0, 1]."""
+        sign = -1.0 if self.descent else 1.0
+        grad = grad.float()
+        if self.norm == "linf":
+            delta = delta + sign * self.step_size * grad.sign()
+        else:
+            delta = delta + sign * self.step_size * grad / _l2(grad)
+        if self.project:
+            delta = self.project_delta(delta)
+        return (x + delta).clamp(0, 1) - x
+
+    def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
+        """Projection onto the eps-ball of the threat model."""
+        if self.norm == "linf":
+            return delta.clamp(-self.eps, self.eps)
+        return delta * (self.eps / _l2(delta)).clamp(max=1.0)
+
+    @torch.no_grad()
+    def _score(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
+               ref: Optional[torch.Tensor]) -> torch.Tensor:
+        """Higher is a better result: misclassified first, then the loss (its negative for descent)."""
+        logits = model(x_adv)
+        loss = self.loss_fn(logits, y, ref).float()
+        if self.descent:
+            return -loss
+        return loss + 1e6 * (logits.argmax(1) != y).float()
+
+    def describe(self) -> dict:
+        """The protocol, for results files."""
+        loss = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "custom")
+        return {"eps": self.eps, "step_size": self.step_size, "steps": self.steps, "norm": self.norm,
+                "loss": loss, "descent": self.descent, "random_start": self.random_start,
+                "init_scale": self.init_scale, "project": self.project, "restarts": self.restarts,
+                "bn_mode": self.bn_mode}

@@ -1,0 +1,98 @@
+"""Inverse adversarial training (Dong et al., CVPR 2023, "The Enemy of My Enemy is My Friend").
+
+    L = CE(f(x'), y) + beta * KL( p(x') || p(x~) )
+
+x' is the PGD adversary (ascent on CE); x~ the inverse adversary (PGD DEScent on CE inside an
+eps_inv-ball): the nearby point where the model is most confident in y. Options the paper leaves
+open are fields here (see docs of METHOD.md): KL direction, detaching the inverse branch, the
+inverse loss, eps_inv / steps_inv / step_size_inv (default: the adversary's).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import ce_loss, kl_div
+from ..registry import UsageError
+from .base import METHODS, Method, Metrics, mean_acc, resolve
+
+KL_DIRECTIONS = ("adv||inv", "inv||adv")
+INVERSE_LOSSES = ("ce", "ce+kl")
+
+
+@dataclasses.dataclass
+class InverseAnchor:
+    """Mixin: how the inverse adversary x~ is crafted (shared by iat, iat-trades, iat-mart)."""
+
+    eps_inv: Optional[float] = None
+    step_size_inv: Optional[float] = None
+    steps_inv: Optional[int] = None
+    inverse_loss: str = "ce"
+
+    def check_inverse(self) -> None:
+        if self.inverse_loss not in INVERSE_LOSSES:
+            raise UsageError(f"inverse_loss must be one of {INVERSE_LOSSES}, got {self.inverse_loss!r}")
+
+    def inverse_example(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        logits_adv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x~ = argmin CE(f(x + d), y) over ||d|| <= eps_inv: the same engine, descending.
+
+        With inverse_loss "ce+kl" (a third-party variant) it minimises
+        CE(f(x~), y) + KL(p(x) || p(x~)) - KL(p(x') || p(x~)), which needs x' first.
+        """
+        loss = "ce"
+        if self.inverse_loss == "ce+kl":
+            if logits_adv is None:
+                raise ValueError("inverse_loss 'ce+kl' needs the adversarial logits")
+            with torch.no_grad():
+                nat, adv = model(x).detach(), logits_adv.detach()
+
+            def loss(logits: torch.Tensor, y: torch.Tensor, _ref=None) -> torch.Tensor:
+                return ce_loss(logits, y) + kl_div(nat, logits) - kl_div(adv, logits)
+
+        attack = self.attack(eps=resolve(self.eps_inv, self.eps),
+                             step_size=resolve(self.step_size_inv, self.step_size),
+                             steps=int(resolve(self.steps_inv, self.steps)), descent=True, loss=loss)
+        return attack(model, x, y)
+
+
+@METHODS.register("iat", help="inverse adversarial training: CE(x') + beta KL(p(x') || p(x~)) (Dong et al. 2023)")
+@dataclasses.dataclass
+class IAT(InverseAnchor, Method):
+    """Inverse adversarial training on top of PGD-AT (Dong et al. 2023), l-inf.
+
+    beta: weight of the KL term (3.5). kl_direction: "adv||inv" (default) or "inv||adv".
+    detach_inverse: treat p(x~) as a fixed teacher (default False: gradients flow through both).
+    eps_inv / step_size_inv / steps_inv: the inverse adversary (default: eps, step_size, steps).
+    """
+
+    beta: float = 3.5
+    kl_direction: str = "adv||inv"
+    detach_inverse: bool = False
+
+    def __post_init__(self) -> None:
+        self.check_inverse()
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {self.kl_direction!r}")
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        x_adv = self.attack()(model, x, y)
+        logits_adv = model(x_adv)
+        x_inv = self.inverse_example(model, x, y, logits_adv)
+        if self.detach_inverse:
+            with torch.no_grad():
+                logits_inv = model(x_inv)
+        else:
+            logits_inv = model(x_inv)
+        ce = F.cross_entropy(logits_adv, y)
+        if self.kl_direction == "adv||inv":
+            kl = kl_div(logits_adv, logits_inv).mean()
+        else:
+            kl = kl_div(logits_inv, logits_adv).mean()
+        loss = ce + self.beta * kl
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
+                      "acc_adv": mean_acc(logits_adv, y), "acc_inv": mean_acc(logits_inv, y)}

@@ -1,0 +1,50 @@
+"""A name -> factory registry per family (models, attacks, methods, data sets), in the style of timm.
+
+The CLI's choices and the parametrised tests enumerate these, so adding a component is one decorator.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the CLI prints the message on one line and exits with status 2."""
+
+
+class Registry(Generic[T]):
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self._items: dict[str, Callable[..., T]] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, help: str = "") -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(factory: Callable[..., T]) -> Callable[..., T]:
+            if name in self._items:
+                raise KeyError(f"{self.family} {name!r} is registered twice")
+            self._items[name] = factory
+            doc = (factory.__doc__ or "").strip().splitlines()
+            self._help[name] = help or (doc[0] if doc else "")
+            return factory
+
+        return deco
+
+    def get(self, name: str) -> Callable[..., T]:
+        if name not in self._items:
+            raise UsageError(
+                f"unknown {self.family} {name!r}; choose one of: {', '.join(self.names())}"
+            )
+        return self._items[name]
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        return self.get(name)(**kwargs)
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def describe(self) -> dict[str, str]:
+        return {n: self._help[n] for n in self.names()}
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items

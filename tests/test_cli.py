@@ -1,0 +1,90 @@
+"""The command line end to end on synthetic data: one epoch per method, eval, list, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from iat.cli import main
+from iat.methods import METHODS
+
+FAST = ["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--batch-size", "64",
+        "--val-size", "128", "--steps", "2", "--eps", "8/255", "--step-size", "2/255", "--no-progress"]
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_one_epoch_per_method(tmp_path, method, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", method, *FAST, "--out", str(out)]) == 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["method"]["name"] == method
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and 0 <= json.loads(lines[0])["val_robust"] <= 1
+    assert (out / "checkpoints" / "last.safetensors").exists()
+    assert (out / "checkpoints" / "best.safetensors").exists()
+
+
+def test_train_then_eval_writes_protocol(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "pgd-at", *FAST, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--attacks", "natural,fgsm,pgd20,cw", "--n-examples", "64",
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "pgd20" in printed and "worst case" in printed
+    result = json.loads((out / "eval-best.json").read_text())
+    rows = {r["attack"]: r for r in result["results"]}
+    assert rows["pgd20"]["protocol"]["steps"] == 20
+    assert rows["pgd20"]["protocol"]["eps"] == pytest.approx(8 / 255)
+    assert result["data"]["n_examples"] == 64 and result["data"]["split"] == "test"
+    assert rows["worst case"]["accuracy"] <= min(r["accuracy"] for r in result["results"])
+    assert rows["pgd20"]["accuracy"] <= rows["natural"]["accuracy"]
+
+
+def test_config_file_and_flags_override(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('method = "iat"\n[optim]\nlr = 0.05\nepochs = 3\n[threat]\neps = "4/255"\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), *FAST, "--out", str(out), "--beta", "2"]) == 0
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["config"]["optim"]["lr"] == 0.05
+    assert resolved["config"]["optim"]["epochs"] == 1           # flag beats file
+    assert resolved["config"]["threat"]["eps"] == pytest.approx(8 / 255)
+    assert resolved["method"]["beta"] == 2.0
+
+
+@pytest.mark.parametrize("what", ["models", "attacks", "methods", "datasets"])
+def test_list(what, capsys):
+    assert main(["list", what]) == 0
+    assert len(capsys.readouterr().out.splitlines()) >= 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "nope"], "unknown method"),
+    (["--model", "nope"], "unknown model"),
+    (["--dataset", "nope"], "unknown data set"),
+    (["--eps", "-1"], "eps"),
+    (["--steps", "0"], "steps"),
+    (["-O", "gamma=1"], "no option gamma"),
+    (["--set", "optim.nonsense=1"], "unknown config key"),
+])
+def test_bad_input_one_line_exit_2(tmp_path, args, message, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "pgd-at", *FAST, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (out / "checkpoints").exists()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "standard", *FAST, "--out", str(out)]) == 0
+    before = (out / "checkpoints" / "last.safetensors").read_bytes()
+    assert main(["train", "--method", "standard", *FAST, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (out / "checkpoints" / "last.safetensors").read_bytes() == before
+
+
+def test_python_dash_m(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "iat", "list", "methods"], capture_output=True, text=True)
+    assert done.returncode == 0 and "iat" in done.stdout

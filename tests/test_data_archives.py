@@ -238,6 +238,26 @@ def test_imagefolder_bad_inputs(tmp_path):
         load_dataset("imagefolder", path=tmp_path / "flat")
     with pytest.raises(UsageError, match="does not exist"):
         load_dataset("imagefolder", path=tmp_path / "nowhere")
+    (tmp_path / "tree" / "test" / "bee" / "odd.png").write_bytes(b"not a png")
+    with pytest.raises(UsageError, match=r"cannot read image .*odd\.png"):
+        load_dataset("imagefolder", path=tmp_path / "tree")
+
+
+def test_imagefolder_archive_with_tree_at_top_and_damaged_archive(tmp_path):
+    image_tree(tmp_path / "src")
+    archive = tmp_path / "top.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            tar.add(tmp_path / "src" / split, arcname=split)
+    assert load_dataset("imagefolder", path=archive).classes == ["ant", "bee", "cat"]
+    data = archive.read_bytes()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="truncated or corrupt"):
+        load_dataset("imagefolder", path=cut)
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(UsageError, match="neither a folder nor"):
+        load_dataset("imagefolder", path=tmp_path / "notes.txt")
 
 
 def test_cifar10_jpeg_reads_a_copy_and_says_what_it_is(tmp_path, monkeypatch):

@@ -62,6 +62,6 @@ def fetch_cifar10_jpeg(root: Path) -> Path:
         raise UsageError(f"{SHARED_COPY} not found (run from the repo checkout); elsewhere use `cifar10`")
     dest = root / "cifar10-jpeg" / ARCHIVE
     with atomic_path(dest) as tmp:
-        shutil.copyfile(SHARED_COPY, tmp)
+        shutil.copy2(SHARED_COPY, tmp)  # keeping the mtime lets the decoded-array cache recognise it
     log(f"copied {SHARED_COPY} to {dest}")
     return dest.parent

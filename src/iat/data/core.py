@@ -17,7 +17,7 @@ import torch
 
 from ..registry import Registry, UsageError
 
-DATASETS: Registry = Registry("data set")
+DATASETS: Registry[DataBundle] = Registry("data set")
 # name -> fetcher(root: Path, **kw) -> folder. Kept beside DATASETS, not in it, because not every data set
 # can be fetched (synthetic is generated, imagefolder is the user's own folder).
 FETCHERS: dict[str, Callable[..., Path]] = {}

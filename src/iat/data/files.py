@@ -170,7 +170,7 @@ def reading_archive(archive: Path) -> Iterator[None]:
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         if type(e).__name__.endswith("FilterError"):
             raise UsageError(f"refusing archive {archive}: {e}") from e
-        raise UsageError(f"archive {archive} is truncated or corrupt ({e}); delete it and fetch again") from e
+        raise UsageError(f"archive {archive} is truncated or corrupt ({e}); delete it and get it again") from e
 
 
 def iter_tar(archive: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
@@ -190,7 +190,7 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
-        raise UsageError(f"cannot write to {tmp.parent} ({e}); set IAT_CACHE_DIR to a writable folder") from e
+        raise UsageError(f"cannot extract into {tmp.parent} ({e}); choose a writable folder") from e
     log(f"extracting {archive} into {dest}")
     try:
         with reading_archive(archive), tarfile.open(archive, "r:*") as tar:

@@ -1,0 +1,117 @@
+"""The inverse adversary as the anchor of TRADES' and MART's consistency terms (Dong et al. 2023, Sec. 4).
+
+    iat-trades:  CE(f(x), y) + beta * KL( p(x~) || p(x') )
+    iat-mart:    mean[ BCE(p(x'), y) + beta * KL( p(x~) || p(x') ) * (1 - p_y(x~)) ]
+
+The host method is unchanged except that x~ (the inverse adversary, from `InverseAnchor`) replaces the
+natural x as the anchor: x' is crafted exactly as by the host (TRADES: against KL(p(x) || p(x')); MART:
+against CE), with its small start and BatchNorm mode. The same open choices as `iat` are options:
+kl_direction ("inv||adv" here, since the host's KL puts the anchor first; or "adv||inv"),
+detach_inverse, inverse_loss ("ce" | "ce+kl"), eps_inv / step_size_inv / steps_inv.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import kl_div
+from ..registry import UsageError
+from .base import METHODS, Method, Metrics, mean_acc
+from .iat import KL_DIRECTIONS, InverseAnchor
+from .mart import boosted_ce, true_prob
+from .trades import SmallStart, Terms
+
+
+def anchor_kl(logits_adv: torch.Tensor, logits_inv: torch.Tensor, kl_direction: str) -> torch.Tensor:
+    """Per-example KL between the inverse anchor and the adversary, in the chosen direction."""
+    if kl_direction == "inv||adv":
+        return kl_div(logits_inv, logits_adv)
+    if kl_direction == "adv||inv":
+        return kl_div(logits_adv, logits_inv)
+    raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
+
+
+def iat_trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, logits_inv: torch.Tensor,
+                         y: torch.Tensor, beta: float, kl_direction: str = "inv||adv") -> tuple[torch.Tensor, Terms]:
+    """CE(f(x), y) + beta * mean KL(p(x~) || p(x')) (a pure function, for tests)."""
+    ce = F.cross_entropy(logits_nat.float(), y)
+    kl = anchor_kl(logits_adv, logits_inv, kl_direction).mean()
+    return ce + beta * kl, {"ce": ce, "kl": kl}
+
+
+def iat_mart_objective(logits_adv: torch.Tensor, logits_inv: torch.Tensor, y: torch.Tensor,
+                       beta: float, kl_direction: str = "inv||adv") -> tuple[torch.Tensor, Terms]:
+    """mean[ BCE(p(x'), y) + beta * KL(p(x~) || p(x')) * (1 - p_y(x~)) ] (a pure function, for tests)."""
+    bce = boosted_ce(logits_adv, y)
+    kl = anchor_kl(logits_adv, logits_inv, kl_direction) * (1 - true_prob(logits_inv, y))
+    return (bce + beta * kl).mean(), {"bce": bce.mean(), "kl": kl.mean()}
+
+
+@dataclasses.dataclass
+class InverseConsistency(InverseAnchor):
+    """Mixin: the options of an inverse-anchored consistency term, and p(x~) with or without gradient."""
+
+    kl_direction: str = "inv||adv"
+    detach_inverse: bool = False
+
+    def __post_init__(self) -> None:
+        self.check_inverse()
+        self.check_start()
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {self.kl_direction!r}")
+
+    def inverse_logits(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       logits_adv: torch.Tensor) -> torch.Tensor:
+        """f(x~); with detach_inverse the inverse branch is a fixed teacher (no gradient)."""
+        x_inv = self.inverse_example(model, x, y, logits_adv)
+        if self.detach_inverse:
+            with torch.no_grad():
+                return model(x_inv)
+        return model(x_inv)
+
+
+@METHODS.register("iat-trades", help="TRADES with the inverse anchor: CE(x) + beta KL(p(x~) || p(x')), beta 6")
+@dataclasses.dataclass
+class IATTrades(InverseConsistency, SmallStart, Method):
+    """Inverse adversarial training on TRADES (Dong et al. 2023; Zhang et al. 2019), l-inf or l2.
+
+    beta: weight of the KL term (6, TRADES'). x' as in `trades` (init_radius 0.001, bn_mode "eval").
+    kl_direction "inv||adv" | "adv||inv"; detach_inverse (False); inverse_loss "ce" | "ce+kl";
+    eps_inv / step_size_inv / steps_inv: the inverse adversary (default: eps, step_size, steps).
+    """
+
+    bn_mode: str = "eval"
+    beta: float = 6.0
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        x_adv = self.trades_example(model, x, y)
+        logits_nat, logits_adv = model(x), model(x_adv)
+        logits_inv = self.inverse_logits(model, x, y, logits_adv)
+        loss, terms = iat_trades_objective(logits_nat, logits_adv, logits_inv, y, self.beta, self.kl_direction)
+        return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                      "acc": mean_acc(logits_nat, y), "acc_adv": mean_acc(logits_adv, y),
+                      "acc_inv": mean_acc(logits_inv, y)}
+
+
+@METHODS.register("iat-mart", help="MART with the inverse anchor: BCE(x') + beta KL(p(x~) || p(x')) (1 - p_y(x~)), beta 5")
+@dataclasses.dataclass
+class IATMart(InverseConsistency, SmallStart, Method):
+    """Inverse adversarial training on MART (Dong et al. 2023; Wang et al. 2020), l-inf or l2.
+
+    beta: weight of the KL term (5, MART's). x' as in `mart` (PGD on CE, init_radius 0.001,
+    bn_mode "eval"). Other options as in `iat-trades`. The natural x is not used by the loss.
+    """
+
+    bn_mode: str = "eval"
+    beta: float = 5.0
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        x_adv = self.small_start()(model, x, y)
+        logits_adv = model(x_adv)
+        logits_inv = self.inverse_logits(model, x, y, logits_adv)
+        loss, terms = iat_mart_objective(logits_adv, logits_inv, y, self.beta, self.kl_direction)
+        return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                      "acc_adv": mean_acc(logits_adv, y), "acc_inv": mean_acc(logits_inv, y)}

@@ -1,0 +1,145 @@
+"""Single-step (fast) adversarial training: FGSM-AT, FGSM-RS, N-FGSM and GradAlign.
+
+Each adversary is the one `PGD` engine with steps=1 and a few arguments fixed, l-inf (or l2) in
+pixel units on images in [0, 1]. The step is `step_scale * eps`, so the threat's PGD `step_size`
+and `steps` (recorded, shared with the multi-step methods) are not used by these recipes.
+
+    fgsm-at   Goodfellow et al. 2015: zero start, one step of eps.
+    fgsm-rs   Wong et al. 2020 ("Fast is better than free"): uniform start in the eps-ball,
+              one step of 1.25 eps, projected back to the eps-ball.
+    n-fgsm    de Jorge et al. 2022 ("Make some noise"): uniform noise in the 2 eps-ball, one step
+              of eps, NO projection to the eps-ball (only to [0, 1]): perturbations up to 3 eps.
+    gradalign Andriushchenko & Flammarion 2020 ("Understanding and improving fast adversarial
+              training"): FGSM-AT plus lambda * (1 - cos(grad_x CE(x), grad_x CE(x + eta))).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import PGD
+from ..registry import UsageError
+from .base import METHODS, Method, Metrics, mean_acc
+
+# Recipes whose adversary can host the universal inverse perturbation (uiat-fgsm).
+HOSTS = ("fgsm-at", "fgsm-rs", "n-fgsm")
+
+
+@dataclasses.dataclass
+class SingleStep(Method):
+    """Base of the single-step recipes: CE(f(x'), y) with x' from one step of the engine.
+
+    random_start: start from uniform noise in the init_scale * eps ball. init_scale: radius of the
+    start in units of eps. step_scale: the step in units of eps. project: project the step back to
+    the eps-ball (False: N-FGSM, only [0, 1] clipping).
+    """
+
+    random_start: bool = True
+    init_scale: float = 1.0
+    step_scale: float = 1.25
+    project: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.step_scale > 0:
+            raise UsageError(f"step_scale must be positive (the step is step_scale * eps), got {self.step_scale}")
+        if not self.init_scale >= 0:
+            raise UsageError(f"init_scale must be >= 0, got {self.init_scale}")
+
+    def attack(self, **overrides: Any) -> PGD:
+        """The one-step adversary; the step is step_scale * eps (eps may be ramped by the trainer)."""
+        kw = dict(steps=1, step_size=self.step_scale * self.eps, random_start=self.random_start,
+                  init_scale=self.init_scale, project=self.project)
+        kw.update(overrides)
+        return super().attack(**kw)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        x_adv = self.attack()(model, x, y)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "acc_adv": mean_acc(logits, y)}
+
+
+@METHODS.register("fgsm-at", help="FGSM adversarial training: zero start, one step of eps (Goodfellow et al. 2015)")
+@dataclasses.dataclass
+class FGSMAT(SingleStep):
+    """Goodfellow et al. 2015, "Explaining and Harnessing Adversarial Examples". L = CE(f(x'), y),
+    x' = clip(x + eps * sign(grad_x CE(f(x), y))). Defaults: no random start, step_scale 1.0.
+    Known to overfit catastrophically at eps 8/255 on CIFAR-10 (Wong et al. 2020)."""
+
+    random_start: bool = False
+    step_scale: float = 1.0
+
+
+@METHODS.register("fgsm-rs", help="FGSM with random start, step 1.25 eps, projected (Wong et al. 2020)")
+@dataclasses.dataclass
+class FGSMRS(SingleStep):
+    """Wong, Rice & Kolter 2020, "Fast is better than free". Uniform start in the eps-ball, one step
+    of 1.25 eps (step_scale), projection to the eps-ball and [0, 1]. L = CE(f(x'), y)."""
+
+
+@METHODS.register("n-fgsm", help="N-FGSM: noise in 2 eps, step eps, no projection (de Jorge et al. 2022)")
+@dataclasses.dataclass
+class NFGSM(SingleStep):
+    """de Jorge et al. 2022, "Make Some Noise: Reliable and Efficient Single-Step Adversarial Training".
+    Uniform noise in the init_scale * eps ball (2.0), one step of step_scale * eps (1.0), no projection
+    to the eps-ball (clipped to [0, 1] only), so ||x' - x||inf <= 3 eps. L = CE(f(x'), y)."""
+
+    init_scale: float = 2.0
+    step_scale: float = 1.0
+    project: bool = False
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """grad_x CE(f(x), y) (batch mean); with create_graph the result is differentiable in the weights."""
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), x, create_graph=create_graph)
+    return grad
+
+
+def alignment_penalty(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """1 - mean_i cos(g1_i, g2_i) over the examples whose two gradients are both nonzero (as the
+    authors' code, which drops examples with a zero gradient); 0 when there are none."""
+    a, b = (g.flatten(1).to(torch.promote_types(g.dtype, torch.float32)) for g in (g1, g2))  # fp16 -> fp32
+    na = a.pow(2).sum(1).clamp_min(1e-30).sqrt()  # clamp: a finite derivative at zero gradients
+    nb = b.pow(2).sum(1).clamp_min(1e-30).sqrt()
+    cos = (a * b).sum(1) / (na * nb)
+    valid = ((a != 0).any(1) & (b != 0).any(1)).float()
+    return (1 - cos).mul(valid).sum() / valid.sum().clamp_min(1)
+
+
+@METHODS.register("gradalign", help="FGSM + gradient-alignment regulariser, lambda 0.2 (Andriushchenko & Flammarion 2020)")
+@dataclasses.dataclass
+class GradAlign(SingleStep):
+    """Andriushchenko & Flammarion 2020, "Understanding and Improving Fast Adversarial Training".
+
+        L = CE(f(x'), y) + align_lambda * (1 - cos(grad_x CE(f(x), y), grad_x CE(f(x + eta), y)))
+
+    x' is FGSM with zero start and step eps (their CIFAR-10 command: --attack=fgsm --attack_init=zero);
+    eta is uniform in the eps-ball (clipped so that x + eta stays in [0, 1]). Both input gradients are
+    taken with create_graph=True, so the double backward trains the weights (as in the authors'
+    code, where the FGSM gradient itself is the first one; we reuse it the same way).
+    align_lambda: 0.2, the authors' value at eps 8/255 (2.0 at 16/255; their rule 0.02 * 10^(eps*255/8)
+    is fitted to CIFAR-10). The gradients are computed in the model's current (train) mode.
+    """
+
+    random_start: bool = False
+    step_scale: float = 1.0
+    align_lambda: float = 0.2
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        fgsm = self.attack()
+        delta0 = fgsm.init_delta(x)
+        g1 = input_gradient(model, x + delta0, y, create_graph=True)
+        x_adv = (x + fgsm.step(x, delta0, g1.detach())).detach()  # the engine's step, from the same gradient
+        eta = self.attack(random_start=True, init_scale=1.0).init_delta(x)
+        g2 = input_gradient(model, x + eta, y, create_graph=True)
+        reg = alignment_penalty(g1, g2)
+        logits = model(x_adv)
+        ce = F.cross_entropy(logits, y)
+        loss = ce + self.align_lambda * reg
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "cos": 1 - reg.detach(),
+                      "acc_adv": mean_acc(logits, y)}

@@ -1,0 +1,83 @@
+"""TRADES (Zhang et al., ICML 2019, "Theoretically Principled Trade-off between Robustness and Accuracy").
+
+    L = CE(f(x), y) + beta * KL( p(x) || p(x') ),   beta = 6
+
+x' maximises KL(p(x) || p(x + d)) over the eps-ball (l-inf or l2): the engine's "kl" loss with the
+natural prediction as the detached reference. Gradients of the training loss flow through both
+p(x) and p(x'), as in the reference code.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import PGD, crafting_mode, kl_div
+from ..registry import UsageError
+from .base import METHODS, Method, Metrics, mean_acc
+
+Terms = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class SmallStart:
+    """Mixin: the adversary of the TRADES and MART reference code (also used by their inverse variants).
+
+    Their code starts at x + 0.001 * N(0, I), only to leave the point x where the KL term and its
+    gradient are zero. The engine's equivalent: a uniform start of radius init_radius = 0.001
+    (pixel units; 0 starts at x). BatchNorm is in eval mode while crafting in both reference codes,
+    hence the subclasses' bn_mode default "eval".
+    """
+
+    init_radius: float = 0.001
+
+    def check_start(self) -> None:
+        if not self.init_radius >= 0:
+            raise UsageError(f"init_radius must be >= 0 (pixel units), got {self.init_radius}")
+
+    def small_start(self, **overrides: Any) -> PGD:
+        """The method's PGD with the small start; the radius is absolute, so it survives eps warm-up."""
+        eps = overrides.get("eps", self.eps)
+        scale = min(1.0, self.init_radius / eps) if eps > 0 else 0.0
+        return self.attack(random_start=self.init_radius > 0, init_scale=scale, **overrides)
+
+    def trades_example(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x' = argmax KL(p(x) || p(x + d)); the reference p(x) is taken in the crafting BN mode."""
+        with torch.no_grad(), crafting_mode(model, self.bn_mode):
+            reference = model(x)
+        return self.small_start(loss="kl")(model, x, y, reference=reference)
+
+
+def trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
+                     beta: float) -> tuple[torch.Tensor, Terms]:
+    """CE(f(x), y) + beta * mean KL(p(x) || p(x')), from logits (a pure function, for tests)."""
+    ce = F.cross_entropy(logits_nat.float(), y)
+    kl = kl_div(logits_nat, logits_adv).mean()
+    return ce + beta * kl, {"ce": ce, "kl": kl}
+
+
+@METHODS.register("trades", help="TRADES: CE(x) + beta KL(p(x) || p(x')), beta 6 (Zhang et al. 2019)")
+@dataclasses.dataclass
+class TRADES(SmallStart, Method):
+    """TRADES (Zhang et al. 2019), l-inf or l2.
+
+    beta: weight of the KL term (6). init_radius: the small random start (0.001, pixel units).
+    bn_mode: BatchNorm mode while crafting ("eval" as in the TRADES code; "train" | "keep").
+    eps / step_size / steps: the inner maximisation (8/255, 2/255, 10).
+    """
+
+    bn_mode: str = "eval"
+    beta: float = 6.0
+
+    def __post_init__(self) -> None:
+        self.check_start()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        x_adv = self.trades_example(model, x, y)
+        logits_nat, logits_adv = model(x), model(x_adv)
+        loss, terms = trades_objective(logits_nat, logits_adv, y, self.beta)
+        return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
+                      "acc": mean_acc(logits_nat, y), "acc_adv": mean_acc(logits_adv, y)}

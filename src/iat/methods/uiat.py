@@ -1,0 +1,178 @@
+"""Single-step inverse adversarial training with a universal inverse perturbation (Dong et al. 2023).
+
+    L = CE(f(x'), y) + beta * KL( p(x') || p(x~) ),   x~ = clip_[0,1](x + U[y])
+
+x' is a single-step adversary (FGSM-RS by default). U holds one l-inf perturbation per class,
+kept across batches and epochs and saved in checkpoints; after each backward pass, for every class
+c present in the batch (docs/METHOD.md, "Single-step method"):
+
+    g_c = mean of the examples' input gradients at x~,  m_c <- mu * m_c + g_c / ||g_c||_1,
+    U[c] <- clip(U[c] - step_size_inv * sign(m_c), -eps_inv, eps_inv)       (descent: more confident in y)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks import PGD, crafting_mode, kl_div
+from ..distributed import all_reduce_
+from ..registry import UsageError
+from .base import METHODS, Method, Metrics, mean_acc, resolve
+from .single_step import HOSTS
+
+INVERSE_GRADS = ("ce", "kl")
+
+
+class UniversalPerturbation:
+    """Class-wise universal perturbation U (C x input shape) and its momentum, created lazily."""
+
+    def __init__(self) -> None:
+        self.delta: Optional[torch.Tensor] = None
+        self.momentum: Optional[torch.Tensor] = None
+
+    def ensure(self, x: torch.Tensor, num_classes: int) -> None:
+        """Zeros on the first batch; after a checkpoint load, move next to x and check the shape."""
+        shape = (num_classes, *x.shape[1:])
+        if self.delta is None:
+            self.delta = torch.zeros(shape, device=x.device)
+            self.momentum = torch.zeros(shape, device=x.device)
+        elif tuple(self.delta.shape) != shape:
+            raise UsageError(f"the universal inverse perturbation has shape {tuple(self.delta.shape)}, "
+                             f"but this model and data need {shape} (classes x input shape)")
+        elif self.delta.device != x.device:
+            self.delta, self.momentum = self.delta.to(x.device), self.momentum.to(x.device)
+
+    def inverse_example(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x~ = clip(x + U[y], 0, 1), detached (a leaf)."""
+        return (x.detach() + self.delta[y].to(x.dtype)).clamp(0, 1)
+
+    def class_stats(self, grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-class gradient sums and counts in ONE (C, D + 1) tensor: all-reduce it under DDP."""
+        rows = torch.cat([grad.detach().flatten(1).float(), grad.new_ones(len(y), 1, dtype=torch.float32)], 1)
+        stats = torch.zeros(self.delta.shape[0], rows.shape[1], device=grad.device)
+        return stats.index_add_(0, y, rows)
+
+    @torch.no_grad()
+    def apply(self, stats: torch.Tensor, step_size: float, mu: float, eps: float) -> None:
+        """The momentum sign-descent step for the classes with at least one example (vectorised)."""
+        sums, counts = stats[:, :-1], stats[:, -1:]
+        g = sums / counts.clamp_min(1)
+        g = g / g.abs().sum(1, keepdim=True).clamp_min(1e-12)
+        present = (counts > 0).view(-1, *([1] * (self.delta.dim() - 1)))
+        m = torch.where(present, mu * self.momentum + g.view_as(self.momentum), self.momentum)
+        u = (self.delta - step_size * m.sign()).clamp(-eps, eps)
+        self.momentum, self.delta = m, torch.where(present, u, self.delta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.delta is None:
+            return {}
+        return {"universal": self.delta, "momentum": self.momentum}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not state:
+            self.delta = self.momentum = None
+            return
+        if set(state) != {"universal", "momentum"} or state["universal"].shape != state["momentum"].shape:
+            raise UsageError(f"uiat checkpoint state must hold universal and momentum of one shape, got {sorted(state)}")
+        self.delta, self.momentum = state["universal"].float().clone(), state["momentum"].float().clone()
+
+
+@METHODS.register("uiat-fgsm", help="single-step IAT: FGSM-RS + beta KL(p(x') || p(x + U[y])), universal inverse perturbation")
+@dataclasses.dataclass
+class UIATFGSM(Method):
+    """Universal inverse adversarial training on a single-step host (Dong et al. 2023), l-inf.
+
+    host: the adversary, "fgsm-rs" (default), "fgsm-at" or "n-fgsm" with its recipe's defaults.
+    beta: KL weight, 3.5 — the paper gives no value for the single-step method, so we keep the
+      multi-step recipe's, which weighs the same KL(p(x') || p(x~)) term (an untuned choice).
+    eps_inv: radius of U (default eps). step_size_inv: eta, U's step (default eps_inv / 4, i.e. 2/255
+      at 8/255, the presets' step convention, so it scales with the data's eps). mu: momentum (0.9).
+    num_classes: rows of U (default: the model's output width, read on the first batch).
+    inverse_grad: the gradient at x~ that drives U.
+      "ce" (default, METHOD.md): grad_x~ CE(f(x~), y), from the forward pass the loss already makes,
+        with one extra input-only backward through the x~ branch (no weight gradients, no forward).
+      "kl": x~.grad left by the training backward: beta * grad_x~ KL(p(x') || p(x~)). Free, but
+        descending it moves p(x~) towards the adversary's prediction rather than towards y.
+    detach_inverse: p(x~) is a fixed teacher (no weight gradient through the x~ branch; cheaper).
+    """
+
+    host: str = "fgsm-rs"
+    beta: float = 3.5
+    eps_inv: Optional[float] = None
+    step_size_inv: Optional[float] = None
+    mu: float = 0.9
+    num_classes: Optional[int] = None
+    inverse_grad: str = "ce"
+    detach_inverse: bool = False
+
+    def __post_init__(self) -> None:
+        if self.host not in HOSTS:
+            raise UsageError(f"host must be one of {HOSTS}, got {self.host!r}")
+        if self.inverse_grad not in INVERSE_GRADS:
+            raise UsageError(f"inverse_grad must be one of {INVERSE_GRADS}, got {self.inverse_grad!r}")
+        if self.inverse_grad == "kl" and self.detach_inverse:
+            raise UsageError("inverse_grad 'kl' needs the gradient through p(x~); it cannot be used with detach_inverse")
+        if self.norm != "linf":
+            raise UsageError("uiat-fgsm's universal perturbation is l-inf only")
+        if not 0 <= self.mu < 1:
+            raise UsageError(f"mu (momentum of the universal perturbation) must be in [0, 1), got {self.mu}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise UsageError(f"num_classes must be at least 2, got {self.num_classes}")
+        self.universal = UniversalPerturbation()
+        self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def attack(self, **overrides) -> PGD:
+        """The host recipe's single-step adversary with this method's threat model."""
+        host = METHODS.get(self.host)(eps=self.eps, norm=self.norm, bn_mode=self.bn_mode)
+        return host.attack(**overrides)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        x_adv = self.attack()(model, x, y)
+        logits_adv = model(x_adv)
+        width = logits_adv.shape[1]
+        if self.num_classes is not None and self.num_classes != width:
+            raise UsageError(f"num_classes is {self.num_classes} but the model outputs {width} logits")
+        self.universal.ensure(x, width)
+        x_inv = self.universal.inverse_example(x, y).requires_grad_(True)
+        logits_inv = self._inverse_logits(model, x_inv, y)
+        ce = F.cross_entropy(logits_adv, y)
+        kl = kl_div(logits_adv, logits_inv).mean()
+        loss = ce + self.beta * kl
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
+                      "acc_adv": mean_acc(logits_adv, y), "acc_inv": mean_acc(logits_inv, y)}
+
+    def _inverse_logits(self, model: nn.Module, x_inv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """f(x~), and the gradient for U's update (kept until after_backward)."""
+        if self.detach_inverse:
+            with crafting_mode(model, "keep"):  # weights frozen: the graph reaches x~ only
+                logits_inv = model(x_inv)
+        else:
+            logits_inv = model(x_inv)
+        if self.inverse_grad == "ce":
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits_inv, y), x_inv, retain_graph=not self.detach_inverse)
+            self._pending = (grad, y)
+        else:
+            self._pending = (x_inv, y)  # its .grad is filled by the training backward
+        return logits_inv.detach() if self.detach_inverse else logits_inv
+
+    def after_backward(self, model: nn.Module) -> None:
+        """Update U from this step's gradient at x~ (no extra forward or backward)."""
+        if self._pending is None:
+            return
+        grad, y = self._pending
+        self._pending = None
+        if self.inverse_grad == "kl":
+            grad = grad.grad if grad.grad is not None else torch.zeros_like(grad)
+        eps_inv = resolve(self.eps_inv, self.eps)
+        stats = all_reduce_(self.universal.class_stats(grad, y))  # DDP: every rank takes the same step on U
+        self.universal.apply(stats, resolve(self.step_size_inv, eps_inv / 4), self.mu, eps_inv)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.universal.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.universal.load_state_dict(state)

@@ -1,0 +1,155 @@
+"""Time per training step of every registered method, relative to pgd-at and fgsm-rs.
+
+    PYTHONPATH=src python benchmarks/method_cost.py            # writes benchmarks/results/method_cost.json
+
+A training step is what the trainer runs: method.step_context, loss, zero_grad, backward,
+after_backward, optimizer step. Same model (cnn4), same synthetic 3x32x32 batch, same initial weights
+for every method. Machines are shared, so (1) every repeat times every method in a fresh random order
+(interleaved, drift hits all alike), medians over repeats; (2) the target ratio uiat-fgsm / fgsm-rs
+is also measured in back-to-back pairs (the median of per-pair ratios cancels slow load changes);
+(3) the model forwards per step are counted too: a cost measure no other process can disturb.
+Target (docs/METHOD.md): uiat-fgsm at most 10% more time per step than fgsm-rs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from iat.methods import METHODS, create_method
+from iat.models import create_model
+
+# Extra entries besides the registered recipes: name -> (recipe, options), to split uiat's cost.
+VARIANTS = {"uiat-fgsm[detach_inverse]": ("uiat-fgsm", {"detach_inverse": True}),
+            "uiat-fgsm[inverse_grad=kl]": ("uiat-fgsm", {"inverse_grad": "kl"})}
+FOCUS = ["fgsm-rs", "uiat-fgsm", "uiat-fgsm[detach_inverse]", "uiat-fgsm[inverse_grad=kl]"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def make_stepper(entry: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,
+                 init: dict[str, torch.Tensor]) -> tuple[Callable[[], None], list[int]]:
+    """A closure running one training step of `entry`, and a counter of the model's forwards."""
+    recipe, options = VARIANTS.get(entry, (entry, {}))
+    method = create_method(recipe, eps=args.eps, step_size=args.eps / 4, steps=args.steps, **options)
+    model = create_model(args.model, num_classes=args.classes, in_channels=3, input_size=32,
+                         mean=[0.5] * 3, std=[0.25] * 3)
+    model.load_state_dict(init)
+    model.train()
+    forwards = [0]
+    model.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> None:
+        with method.step_context(model):
+            loss, _ = method.loss(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            method.after_backward(model)
+            opt.step()
+
+    return step, forwards
+
+
+def time_steps(step: Callable[[], None], n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.rand(args.batch_size, 3, 32, 32, generator=g)
+    y = torch.randint(0, args.classes, (args.batch_size,), generator=g)
+    init = create_model(args.model, num_classes=args.classes, in_channels=3, input_size=32,
+                        mean=[0.5] * 3, std=[0.25] * 3).state_dict()
+    entries = (args.methods or METHODS.names()) + [v for v in VARIANTS if not args.methods]
+    steppers = {e: make_stepper(e, args, x, y, init) for e in entries}
+    forwards = {}
+    for e, (step, count) in steppers.items():  # warm-up, and the forward count of one step
+        step()
+        count[0] = 0
+        step()
+        forwards[e] = count[0]
+    order, samples = random.Random(args.seed), {e: [] for e in entries}
+    for r in range(args.repeats):
+        for e in order.sample(entries, len(entries)):
+            samples[e].append(time_steps(steppers[e][0], args.steps_per_repeat))
+        print(f"repeat {r + 1}/{args.repeats} done", flush=True)
+    pairs = {e: [] for e in FOCUS[1:] if e in steppers}
+    for _ in range(args.pair_repeats if "fgsm-rs" in steppers else 0):
+        for e in pairs:
+            base = time_steps(steppers["fgsm-rs"][0], args.steps_per_repeat)
+            pairs[e].append(time_steps(steppers[e][0], args.steps_per_repeat) / base)
+    return {"samples": samples, "forwards": forwards, "pairs": pairs}
+
+
+def summarise(m: dict[str, Any]) -> dict[str, Any]:
+    med = {e: statistics.median(s) for e, s in m["samples"].items()}
+    rel = lambda e, ref: med[e] / med[ref] if ref in med else None  # noqa: E731
+    methods = {e: {"median_s_per_step": med[e], "vs_pgd_at": rel(e, "pgd-at"), "vs_fgsm_rs": rel(e, "fgsm-rs"),
+                   "model_forwards_per_step": m["forwards"][e], "samples_s_per_step": m["samples"][e]}
+               for e in sorted(med, key=med.get)}
+    paired = {e: {"median_ratio_vs_fgsm_rs": statistics.median(r), "ratios": r} for e, r in m["pairs"].items() if r}
+    return {"methods": methods, "paired_vs_fgsm_rs": paired}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cnn4")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--steps", type=int, default=10, help="attack steps of the multi-step methods (PGD-10)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps-per-repeat", type=int, default=2)
+    p.add_argument("--pair-repeats", type=int, default=15, help="back-to-back fgsm-rs / uiat-fgsm pairs")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="*", help="default: every registered method plus the uiat variants")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "method_cost.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load0, t0 = os.getloadavg(), time.time()
+    result = summarise(measure(args))
+    uiat = result["methods"].get("uiat-fgsm", {})
+    pair = result["paired_vs_fgsm_rs"].get("uiat-fgsm", {})
+    result["target"] = {"uiat_fgsm_over_fgsm_rs_max": 1.10, "median_ratio": uiat.get("vs_fgsm_rs"),
+                        "paired_median_ratio": pair.get("median_ratio_vs_fgsm_rs"),
+                        "met": pair.get("median_ratio_vs_fgsm_rs", 9.0) <= 1.10}
+    result["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
+                             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                             "device": "cpu", "load_average_start": load0, "load_average_end": os.getloadavg(),
+                             "wall_seconds": time.time() - t0, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result["config"] = {k: v for k, v in vars(args).items() if k != "out"} | {
+        "input_shape": [3, 32, 32], "optimizer": "sgd lr 0.01 momentum 0.9 wd 5e-4", "data": "synthetic uniform",
+        "note": "method defaults, threat eps/step eps/4/steps as above; single-step recipes ignore step and steps"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for e, r in result["methods"].items():
+        print(f"{e:28s} {r['median_s_per_step'] * 1e3:9.1f} ms/step  x{r['vs_pgd_at'] or 0:5.2f} pgd-at  "
+              f"x{r['vs_fgsm_rs'] or 0:5.2f} fgsm-rs  {r['model_forwards_per_step']} forwards")
+    for e, r in result["paired_vs_fgsm_rs"].items():
+        print(f"paired {e:28s} x{r['median_ratio_vs_fgsm_rs']:.3f} fgsm-rs")
+
+
+if __name__ == "__main__":
+    main()

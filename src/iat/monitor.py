@@ -1,0 +1,66 @@
+"""Catastrophic-overfitting (CO) monitor, run by the trainer at the end of every epoch.
+
+Catastrophic overfitting of single-step training (Wong et al. 2020; Andriushchenko & Flammarion
+2020): within an epoch or two, PGD accuracy collapses to about 0 while FGSM accuracy stays high or
+soars, because the model has become locally non-linear and FGSM no longer finds its adversarial
+examples. The monitor measures FGSM accuracy (zero start, step eps: the training adversary's
+weakest form) on the same held-out validation examples the trainer already attacks with PGD, and
+flags an epoch when (`co_rule`)
+
+  (a) PGD accuracy < ratio (0.3) x FGSM accuracy: healthy training keeps PGD within a few points of
+      FGSM (ratio about 0.8-0.95 for PGD-AT on CIFAR-10 and MNIST), or
+  (b) PGD accuracy fell more than `drop` (0.20) below its best earlier epoch while FGSM accuracy is
+      still at least that best PGD accuracy (a gap opening, not the whole model degrading),
+
+and only once FGSM accuracy is at least `min_fgsm` (0.2), so an untrained model is never flagged.
+It runs for every method: FGSM costs about a tenth of the PGD-10 validation, and a flag from a
+multi-step method (possible at large eps) is worth seeing too. The records get `val_fgsm`,
+`co_detected` and `co_reason`; a flagged epoch also prints one warning line.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+from .attacks import create_attack
+from .evaluate import robust_accuracy
+
+RATIO = 0.3
+DROP = 0.20
+MIN_FGSM = 0.2
+
+
+def co_rule(fgsm: float, pgd: float, best_pgd: float, *, ratio: float = RATIO, drop: float = DROP,
+            min_fgsm: float = MIN_FGSM) -> Optional[str]:
+    """Why this epoch looks like catastrophic overfitting, or None.
+
+    fgsm, pgd: this epoch's validation accuracies in [0, 1]. best_pgd: the best PGD accuracy of the
+    EARLIER epochs (negative when there are none).
+    """
+    if fgsm < min_fgsm:
+        return None
+    if pgd < ratio * fgsm:
+        return f"PGD accuracy {pgd:.1%} is below {ratio:g} x FGSM accuracy {fgsm:.1%}"
+    if best_pgd >= 0 and best_pgd - pgd > drop and fgsm >= best_pgd:
+        return (f"PGD accuracy fell from its best {best_pgd:.1%} to {pgd:.1%} while FGSM accuracy "
+                f"stays at {fgsm:.1%}")
+    return None
+
+
+def check_overfitting(trainer: Any, pgd: float) -> dict[str, Any]:
+    """FGSM accuracy on the trainer's validation examples and the CO verdict for this epoch.
+
+    Called from Trainer.end_epoch before the best-checkpoint bookkeeping, so trainer.progress.best_robust
+    is still the best of the earlier epochs (it is saved in checkpoints, so the rule survives resume).
+    FGSM has no random start: it draws no random numbers and leaves the training RNG stream alone.
+    """
+    cfg = trainer.cfg
+    n = min(cfg.val.n_examples, len(trainer.val_split))
+    fgsm = create_attack("fgsm", eps=cfg.threat.eps, norm=cfg.threat.norm)
+    acc = robust_accuracy(trainer.model, trainer.val_split.x[:n], trainer.val_split.y[:n], {"fgsm": fgsm},
+                          batch_size=cfg.val.batch_size).rates()["fgsm"]
+    reason = co_rule(acc, pgd, trainer.progress.best_robust)
+    if reason:
+        tqdm.write(f"WARNING: catastrophic overfitting suspected at epoch {trainer.progress.epoch}: {reason}")
+    return {"val_fgsm": acc, "co_detected": reason is not None, "co_reason": reason}

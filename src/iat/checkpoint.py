@@ -20,6 +20,9 @@ from safetensors.torch import save as st_save
 from .registry import UsageError
 
 FORMAT = "iat-checkpoint-1"
+# mkstemp makes files private (0600); give ours the permissions an ordinary open() would.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
@@ -28,6 +31,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

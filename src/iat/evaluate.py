@@ -1,14 +1,24 @@
-"""Robust accuracy, counted per example.
+"""Robust accuracy, counted per example, in one of two modes.
 
-Each attack runs on every naturally correct example, so each column is that attack's own accuracy
-(as papers report it); `worst_case` is per example: correct only if it survives every attack.
-Every returned example is verified (inside the ball, inside [0, 1], finite) before it counts.
+- "each" (default): every attack runs on every naturally correct example, so each column is that
+  attack's own accuracy, as papers report it, and `worst_case` is per example: correct only if the
+  example survives every attack.
+- "cumulative" (`worst_case_only=True`, AutoAttack's scheme): attacks run in the order given, each only
+  on the examples that survived every attack before it, so column k is the accuracy under attacks 1..k
+  and the last column is the worst case. The worst case is the same quantity as in "each" mode, found
+  with less work; list cheap attacks first.
+
+Either way an example counts as robust only if the model, re-run by us on the returned input, still
+predicts its label, and every returned example is verified (inside the ball, inside [0, 1], finite)
+before it counts: an attack that leaves its threat model is a bug, never a success. Accuracy is a count
+over examples, never a mean over batches. Attacks are called as `attack(model, x, y, generator=g)`.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -16,40 +26,76 @@ from tqdm import tqdm
 from .attacks import Natural, PGD
 from .registry import UsageError
 
+MODES = ("each", "cumulative")
+
 
 class AttackVerificationError(RuntimeError):
     """An attack returned an example outside its threat model: a bug, never a success."""
 
 
 def verify_adversarial(name: str, attack: Any, x: torch.Tensor, x_adv: torch.Tensor) -> None:
-    """Raise unless x_adv is finite, inside [0, 1] and inside the attack's eps-ball."""
-    if x_adv.shape != x.shape:
-        raise AttackVerificationError(f"attack {name} changed the input shape {tuple(x.shape)} -> {tuple(x_adv.shape)}")
-    if not torch.isfinite(x_adv).all():
-        raise AttackVerificationError(f"attack {name} returned non-finite values")
-    if x_adv.min() < 0 or x_adv.max() > 1:
-        raise AttackVerificationError(f"attack {name} left the [0, 1] image box")
+    """Raise unless x_adv is finite, inside [0, 1] and inside the attack's eps-ball around x."""
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        shape = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+        raise AttackVerificationError(f"attack {name} changed the input shape {tuple(x.shape)} -> {shape}")
+    bad = ~torch.isfinite(x_adv.flatten(1)).all(1)
+    if bad.any():
+        raise AttackVerificationError(f"attack {name} returned non-finite values for {int(bad.sum())} examples")
+    bad = (x_adv.flatten(1) < 0).any(1) | (x_adv.flatten(1) > 1).any(1)
+    if bad.any():
+        raise AttackVerificationError(f"attack {name} left the [0, 1] image box for {int(bad.sum())} examples")
     eps = float(getattr(attack, "eps", 0.0))
     norm = getattr(attack, "norm", "linf")
-    delta = (x_adv - x).flatten(1).float()
+    delta = (x_adv - x).flatten(1).double()
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
     tol = 1e-5 * max(1.0, eps)
-    if (size > eps + tol).any():
+    bad = size > eps + tol
+    if bad.any():
         raise AttackVerificationError(
-            f"attack {name} left its {norm} ball: max perturbation {size.max().item():.6f} > eps {eps:.6f}"
+            f"attack {name} left its {norm} ball for {int(bad.sum())} of {len(x)} examples: "
+            f"max perturbation {size.max().item():.6f} > eps {eps:.6f}"
         )
 
 
 @dataclasses.dataclass
 class Accuracy:
+    """Counts over examples. `per_example` holds one bool tensor [total] per attack and 'worst_case'."""
+
     correct: dict[str, int]
     worst_case: int
     total: int
+    natural: int = 0
+    attacked: dict[str, int] = dataclasses.field(default_factory=dict)  # examples each attack ran on
+    mode: str = "each"
+    per_example: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+    natural_ok: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)  # bool [total]
 
     def rates(self) -> dict[str, float]:
         out = {k: v / self.total for k, v in self.correct.items()}
         out["worst_case"] = self.worst_case / self.total
         return out
+
+
+def aggregate(natural: Sequence[torch.Tensor], outcomes: Sequence[Mapping[str, torch.Tensor]], *,
+              attacked: Optional[Mapping[str, int]] = None, mode: str = "each") -> Accuracy:
+    """Per-batch outcomes (bool per example) -> counts over all examples and the per-example worst case.
+
+    An example is robust in the worst case if it is naturally correct and survives every attack.
+    """
+    if len(natural) != len(outcomes) or not natural:
+        raise ValueError("need one natural-correctness tensor per batch of outcomes, and at least one batch")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    nat = torch.cat([t.bool().cpu() for t in natural])
+    names = list(outcomes[0])
+    flags = {n: torch.cat([o[n].bool().cpu() for o in outcomes]) for n in names}
+    worst = nat.clone()
+    for f in flags.values():
+        if f.shape != nat.shape:
+            raise ValueError("every attack needs one outcome per example")
+        worst &= f
+    return Accuracy({n: int(f.sum()) for n, f in flags.items()}, int(worst.sum()), len(nat), int(nat.sum()),
+                    dict(attacked or {}), mode, {**flags, "worst_case": worst}, nat)
 
 
 def robust_accuracy(
@@ -61,48 +107,55 @@ def robust_accuracy(
     batch_size: int = 256,
     progress: bool = False,
     desc: str = "eval",
+    worst_case_only: bool = False,
+    generator: Optional[torch.Generator] = None,
 ) -> Accuracy:
-    """Count correct examples under each attack and in the per-example worst case.
+    """Count correct examples under each attack and in the per-example worst case (see the module doc).
 
-    x_all is uint8 or float in [0, 1] (any device); batches move to the model's device.
+    x_all is uint8 or float in [0, 1] (any device); batches move to the model's device. The model runs in
+    eval mode and its mode is restored after. `generator` seeds the attacks' random starts.
     """
     if len(x_all) == 0:
         raise UsageError("nothing to evaluate: the split is empty")
+    if not attacks:
+        raise UsageError("no attacks to evaluate; e.g. natural,pgd20")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = {name: torch.zeros((), dtype=torch.long, device=device) for name in attacks}
-    worst = torch.zeros((), dtype=torch.long, device=device)
+    natural, outcomes, attacked = [], [], {name: 0 for name in attacks}
     try:
         for start in tqdm(range(0, len(x_all), batch_size), desc=desc, disable=not progress, leave=False):
             x = _as_float(x_all[start : start + batch_size].to(device))
             y = y_all[start : start + batch_size].to(device)
-            alive = _batch(model, x, y, attacks, correct)
-            worst += alive.sum()
+            nat, out = _batch(model, x, y, attacks, attacked, worst_case_only, generator)
+            natural.append(nat)
+            outcomes.append(out)
     finally:
         model.train(was_training)
-    return Accuracy({k: int(v) for k, v in correct.items()}, int(worst), len(x_all))
+    return aggregate(natural, outcomes, attacked=attacked, mode=MODES[int(worst_case_only)])
 
 
 def _batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Any],
-           correct: dict[str, torch.Tensor]) -> torch.Tensor:
+           attacked: dict[str, int], cumulative: bool,
+           generator: Optional[torch.Generator]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     with torch.no_grad():
         natural_ok = model(x).argmax(1) == y
     alive = natural_ok.clone()
+    out = {}
     for name, attack in attacks.items():
-        if isinstance(attack, Natural):
-            ok = natural_ok
-        else:
-            ok = natural_ok.clone()
-            idx = natural_ok.nonzero().squeeze(1)
-            if len(idx):
-                x_adv = attack(model, x[idx], y[idx])
-                verify_adversarial(name, attack, x[idx], x_adv)
-                with torch.no_grad():
-                    ok[idx] = model(x_adv).argmax(1) == y[idx]
-        correct[name] += ok.sum()
+        ok = (natural_ok if not cumulative or isinstance(attack, Natural) else alive).clone()
+        idx = ok.nonzero().squeeze(1)
+        if len(idx) and not isinstance(attack, Natural):
+            x_adv = attack(model, x[idx], y[idx], generator=generator)
+            verify_adversarial(name, attack, x[idx], x_adv)
+            with torch.no_grad():
+                ok[idx] = model(x_adv).argmax(1) == y[idx]
+            attacked[name] += len(idx)
+        out[name] = ok.cpu()
         alive &= ok
-    return alive
+    return natural_ok.cpu(), out
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -114,4 +167,17 @@ def protocol(attack: Any) -> dict[str, Any]:
     return attack.describe() if hasattr(attack, "describe") else {}
 
 
-__all__ = ["Accuracy", "AttackVerificationError", "robust_accuracy", "verify_adversarial", "protocol", "PGD"]
+def pack_flags(flags: torch.Tensor) -> str:
+    """Per-example bools -> a hex string (1 bit per example), so results files can carry them."""
+    return np.packbits(flags.bool().cpu().numpy()).tobytes().hex()
+
+
+def unpack_flags(text: str, n: int) -> torch.Tensor:
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
+    if len(bits) != n:
+        raise ValueError(f"packed flags hold {len(bits)} examples, expected {n}")
+    return torch.from_numpy(bits.astype(bool))
+
+
+__all__ = ["Accuracy", "AttackVerificationError", "MODES", "aggregate", "robust_accuracy", "verify_adversarial",
+           "protocol", "pack_flags", "unpack_flags", "PGD"]

@@ -70,3 +70,5 @@ def create_attack(name: str, **kw: Any) -> Attack:
 
 __all__ = ["ATTACKS", "ATTACK_LOSSES", "PGD", "Natural", "create_attack", "crafting_mode",
            "ce_loss", "cw_margin_loss", "kl_div", "kl_to_reference"]
+
+from . import autoattack as _autoattack  # noqa: E402,F401  (registers "autoattack"; imports pyautoattack lazily)

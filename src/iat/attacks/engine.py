@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
+from ..distributed import noise_shard
 from ..registry import UsageError
 from .losses import ATTACK_LOSSES, LossFn
 
@@ -42,15 +43,33 @@ def crafting_mode(model: nn.Module, bn_mode: str = "keep") -> Iterator[nn.Module
             m.training = training
 
 
-def _rand(shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) noise drawn from `generator` on its own device, then moved next to `like`."""
+def _draw(fn, shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """fp32 noise from `generator` on its own device, moved next to `like`.
+
+    Under distributed.sharded_noise the noise of the whole global batch (world_size x this rank's) is
+    drawn and this rank's rows kept, so W ranks of batch B draw what one process of batch W*B draws.
+    """
     device = generator.device if generator is not None else like.device
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+    shard = noise_shard()
+    if shard is None:
+        return fn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+    rank, world = shard
+    full = fn((world * shape[0], *shape[1:]), generator=generator, device=device, dtype=torch.float32)
+    return full[rank * shape[0]:(rank + 1) * shape[0]].to(like.device)
+
+
+def _rand(shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) noise (see _draw)."""
+    return _draw(torch.rand, shape, generator, like)
 
 
 def _randn(shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+    return _draw(torch.randn, shape, generator, like)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel: crafting needs no gradient sync or buffer broadcast."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _l2(v: torch.Tensor) -> torch.Tensor:
@@ -109,7 +128,7 @@ class PGD:
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         """Return the perturbed batch (detached); never modifies x, y or the model's state."""
-        x = x.detach()
+        x, model = x.detach(), unwrap(model)
         ref = reference.detach() if reference is not None else None
         with crafting_mode(model, self.bn_mode):
             best = self._run(model, x, y, ref, generator)

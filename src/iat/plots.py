@@ -1,0 +1,93 @@
+"""PNG plots with matplotlib's Agg canvas (no pyplot, no display, no global backend switch).
+
+matplotlib is an optional extra: pip install "iat[plots]".
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+from .checkpoint import atomic_write_bytes
+from .registry import UsageError
+from .tables import fmt_eps
+
+INSTALL_HINT = 'pip install "iat[plots]"'
+
+
+def require_matplotlib() -> None:
+    """Raise a one-line UsageError before any work when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"plots need matplotlib: {INSTALL_HINT}") from None
+
+
+def _figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple[Any, list[Any]]:
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig: Any, path: Union[str, Path]) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_eps_sweep(points: Sequence[Mapping[str, Any]], path: Union[str, Path], *, title: str,
+                   train_eps: float | None = None) -> Path:
+    """Accuracy (%) against eps, one point per sweep value; a dotted line at the training eps."""
+    fig, (ax,) = _figure(1, width=5.5, height=3.8)
+    eps = [p["eps"] for p in points]
+    ax.plot(eps, [100 * p["accuracy"] for p in points], "o-", color="C0")
+    if train_eps is not None:
+        ax.axvline(train_eps, color="grey", linestyle=":", label=f"training eps {fmt_eps(train_eps)}")
+        ax.legend()
+    ax.set_xlabel("eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Union[str, Path], *,
+                         robust_label: str = "val robust") -> Path:
+    """Per run (label -> metrics.jsonl records): val natural accuracy, val robust accuracy, train loss per
+    epoch; the best checkpoint's epoch is marked with a star."""
+    fig, axes = _figure(3)
+    panels = [("val natural accuracy (%)", lambda r: 100 * r["val_natural"]),
+              (f"{robust_label} accuracy (%)", lambda r: 100 * r["val_robust"]),
+              ("train loss", lambda r: r["train"]["loss"])]
+    for i, (label, records) in enumerate(runs.items()):
+        best = records[-1].get("best_epoch") if records else None
+        for ax, (_, value) in zip(axes, panels):
+            points = [(r["epoch"], _value(value, r)) for r in records]
+            points = [(e, v) for e, v in points if v is not None]
+            xs, ys = [e for e, _ in points], [v for _, v in points]
+            ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=f"C{i}", label=label, markersize=3)
+            if best in xs:
+                ax.plot([best], [ys[xs.index(best)]], "*", color=f"C{i}", markersize=12)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, (title, _) in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _value(get: Any, record: Mapping[str, Any]) -> float | None:
+    try:
+        return float(get(record))
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -1,0 +1,220 @@
+"""`iat report RUN_DIR...`: several runs side by side, like the paper's tables (best and last checkpoint),
+and their training curves.
+
+Numbers come from each run's eval-*.json files (what `iat eval` writes); with --eval-missing the
+missing ones are computed first. Files for the same checkpoint are merged when they share the epoch,
+threat model, data and examples (the newest file's); the worst case over the merged attacks is exact
+when the files carry per-example outcomes, else it is the smallest file's worst case, an upper bound,
+marked with *.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .checkpoint import atomic_write_text
+from .evaluate import unpack_flags
+from .registry import UsageError
+from .tables import fmt_eps, protocol_text
+
+KINDS = ("best", "last")
+COLUMN_ORDER = ["natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_evals(run: Path) -> dict[str, list[dict[str, Any]]]:
+    """checkpoint kind -> results of its eval-*.json files, oldest first."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(run.glob("eval-*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(result, dict) and result.get("checkpoint_kind") in KINDS and "results" in result:
+            result["_file"] = path.name
+            out.setdefault(result["checkpoint_kind"], []).append(result)
+    return out
+
+
+def _key(result: dict[str, Any]) -> tuple:
+    t, d = result["threat"], result["data"]
+    return (result.get("checkpoint_epoch"), t["norm"], round(float(t["eps"]), 9), d["name"], d["n_examples"])
+
+
+def merge_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge one checkpoint's evals that share the newest one's epoch, threat and examples."""
+    newest = results[-1]
+    same = [r for r in results if _key(r) == _key(newest)]
+    rows: dict[str, dict[str, Any]] = {}
+    for r in same:
+        rows.update({row["attack"]: row for row in r["results"] if row["attack"] != "worst case"})
+    n = newest["data"]["n_examples"]
+    flags = [r.get("per_example", {}).get("worst_case") for r in same]
+    if all(flags):
+        worst = torch.stack([unpack_flags(f, n) for f in flags]).all(0)
+        worst_correct, exact = int(worst.sum()), True
+    else:
+        worst_correct = min(row["correct"] for r in same for row in r["results"] if row["attack"] == "worst case")
+        exact = len(same) == 1
+    return {"rows": rows, "worst_case": worst_correct / n, "worst_exact": exact, "n": n,
+            "epoch": newest.get("checkpoint_epoch"), "threat": newest["threat"], "files": [r["_file"] for r in same],
+            "ignored": [r["_file"] for r in results if r not in same]}
+
+
+def _label(run: Path, runs: list[Path]) -> str:
+    names = [r.name for r in runs]
+    return run.name if names.count(run.name) == 1 else f"{run.parent.name}/{run.name}"
+
+
+def load_run(run: Path, runs: list[Path]) -> dict[str, Any]:
+    if not (run / "config.json").is_file():
+        raise UsageError(f"{run} is not an iat run directory (no config.json)")
+    config = json.loads((run / "config.json").read_text())
+    records = read_metrics(run)
+    evals = {kind: merge_evals(res) for kind, res in read_evals(run).items()}
+    epochs = {"best": records[-1].get("best_epoch") if records else None,
+              "last": records[-1]["epoch"] if records else None}
+    return {"path": str(run), "label": _label(run, runs), "method": config.get("method", {}).get("name", "?"),
+            "config": config, "records": records, "evals": evals, "epochs": epochs}
+
+
+def _columns(runs: list[dict[str, Any]]) -> list[str]:
+    seen = {a for r in runs for e in r["evals"].values() for a in e["rows"]}
+    return [c for c in COLUMN_ORDER if c in seen] + sorted(seen - set(COLUMN_ORDER))
+
+
+def side_by_side(runs: list[dict[str, Any]], kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
+    """Rows: run x checkpoint; columns: attacks then the worst case; plus protocol legend and warnings."""
+    columns = _columns(runs)
+    rows, notes, protocols = [], [], {c: set() for c in columns}
+    for run in runs:
+        for kind in kinds:
+            ev = run["evals"].get(kind)
+            row = {"run": run["label"], "method": run["method"], "checkpoint": kind,
+                   "epoch": ev["epoch"] if ev else run["epochs"][kind], "n": ev["n"] if ev else None,
+                   "threat": f"{ev['threat']['norm']} {fmt_eps(ev['threat']['eps'])}" if ev else None, "acc": {}}
+            if ev is None:
+                notes.append(f"{run['label']}: no eval of the {kind} checkpoint; run `iat eval {run['path']} "
+                             f"--checkpoint {kind}` or pass --eval-missing")
+            else:
+                for c in columns:
+                    if c in ev["rows"]:
+                        row["acc"][c] = ev["rows"][c]["accuracy"]
+                        protocols[c].add(protocol_text(ev["rows"][c]["protocol"]))
+                row["acc"]["worst case"] = ev["worst_case"]
+                row["worst_exact"] = ev["worst_exact"]
+                if ev["ignored"]:
+                    notes.append(f"{run['label']} {kind}: ignored {', '.join(ev['ignored'])} (another epoch, "
+                                 "threat model or set of examples than the newest eval)")
+            rows.append(row)
+    for c, texts in protocols.items():
+        if len(texts) > 1:
+            notes.append(f"column {c} mixes protocols, compare with care: {' | '.join(sorted(texts))}")
+    if len({(r["n"], r["threat"]) for r in rows if r["n"]}) > 1:
+        notes.append("rows were evaluated on different numbers of examples or threat models")
+    return {"columns": columns + ["worst case"], "rows": rows, "notes": notes,
+            "protocols": {c: sorted(t) for c, t in protocols.items()}}
+
+
+def _cell(row: dict[str, Any], col: str) -> str:
+    if col not in row["acc"]:
+        return "-"
+    star = "*" if col == "worst case" and not row.get("worst_exact", True) else ""
+    return f"{100 * row['acc'][col]:.2f}{star}"
+
+
+def to_markdown(table: dict[str, Any], curves: Optional[str]) -> str:
+    cols = table["columns"]
+    lines = ["# Runs side by side", "", "Robust accuracy (%) on the test split; best = the checkpoint with the best "
+             "validation robust accuracy, last = the final epoch.", "",
+             "| run | method | checkpoint | epoch | n | threat | " + " | ".join(cols) + " |",
+             "|---|---|---|---:|---:|---|" + "---:|" * len(cols)]
+    for r in table["rows"]:
+        lines.append(f"| {r['run']} | {r['method']} | {r['checkpoint']} | {r['epoch']} | {r['n'] or '-'} | "
+                     f"{r['threat'] or '-'} | " + " | ".join(_cell(r, c) for c in cols) + " |")
+    lines += ["", "Protocols:", ""]
+    lines += [f"- **{c}**: {'; '.join(t)}" for c, t in table["protocols"].items() if t]
+    lines.append("- **worst case**: per example, worst over the columns of that row (* = upper bound: the evals "
+                 "carried no per-example outcomes)")
+    if table["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in table["notes"]]
+    if curves:
+        lines += ["", f"![training curves]({curves})"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "method", "checkpoint", "epoch", "n", "threat", *table["columns"]])
+    for r in table["rows"]:
+        w.writerow([r["run"], r["method"], r["checkpoint"], r["epoch"], r["n"] or "", r["threat"] or "",
+                    *(f"{r['acc'][c]:.6f}" if c in r["acc"] else "" for c in table["columns"])])
+    return buf.getvalue()
+
+
+def _val_label(config: dict[str, Any]) -> str:
+    a = config.get("val_attack") or {}
+    return f"val PGD-{a['steps']}" if "steps" in a else "val robust"
+
+
+def _eval_missing(runs: list[Path], kinds: tuple[str, ...], args: argparse.Namespace) -> None:
+    from .eval_cli import EvalConfig, evaluate_checkpoint, write_results
+
+    for run in runs:
+        have = read_evals(run)
+        for kind in kinds:
+            if kind not in have:
+                cfg = EvalConfig(checkpoint=kind, attacks=args.attacks, n_examples=args.n_examples,
+                                 batch_size=args.batch_size, device=args.device, seed=args.seed,
+                                 data_dir=args.data_dir, progress=not args.no_progress)
+                print(f"evaluating {run} ({kind}) ...")
+                write_results(evaluate_checkpoint(str(run), cfg), run / f"eval-{kind}.json")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.runs]
+    for p in paths:
+        if not (p / "config.json").is_file():
+            raise UsageError(f"{p} is not an iat run directory (no config.json)")
+    kinds = tuple(k.strip() for k in args.checkpoints.split(",") if k.strip())
+    if not kinds or set(kinds) - set(KINDS):
+        raise UsageError(f"--checkpoints takes best, last or best,last; got {args.checkpoints!r}")
+    if not args.no_plots:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
+    if args.eval_missing:
+        _eval_missing(paths, kinds, args)
+    runs = [load_run(p, paths) for p in paths]
+    table = side_by_side(runs, kinds)
+    out = Path(args.out)
+    curves = None
+    if not args.no_plots and any(r["records"] for r in runs):
+        from .plots import plot_training_curves
+
+        plot_training_curves({r["label"]: r["records"] for r in runs}, out / "curves.png",
+                             robust_label=_val_label(runs[0]["config"]))
+        curves = "curves.png"
+    markdown = to_markdown(table, curves)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.csv", to_csv(table))
+    summary = {"runs": [{k: r[k] for k in ("path", "label", "method", "epochs")} for r in runs], **table,
+               "curves": str(out / curves) if curves else None}
+    atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
+    print(markdown, end="")
+    print(f"report: {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.json'}"
+          + (f", {out / curves}" if curves else ""))
+    return 0

@@ -1,0 +1,113 @@
+"""Rendering one evaluation result (the dict `iat eval` writes as JSON) as a terminal table, Markdown and CSV,
+with the protocol written next to every number."""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Mapping
+
+LOSS_NAMES = {"ce": "cross-entropy", "cw": "CW margin", "kl": "KL"}
+CSV_FIELDS = ["attack", "accuracy", "correct", "total", "attacked", "counted", "eps", "norm", "steps", "step_size",
+              "restarts", "loss", "random_start", "protocol", "checkpoint", "checkpoint_kind", "checkpoint_epoch",
+              "dataset", "split", "seed", "mode"]
+
+
+def fmt_eps(value: float) -> str:
+    """8/255 for multiples of 1/255 below 1, else a short decimal."""
+    k = value * 255
+    if 0 < value < 1 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{value:.4g}"
+
+
+def protocol_text(p: Mapping[str, Any]) -> str:
+    """One readable line for an attack's describe() dict (or a worst-case row's protocol)."""
+    if "per_example_worst_case_of" in p:
+        how = ", attacks only on still-robust points" if p.get("mode") == "cumulative" else ""
+        return f"per example, worst of {', '.join(p['per_example_worst_case_of'])}{how}"
+    if p.get("attack") == "autoattack":
+        return (f"{p['norm']} eps {fmt_eps(p['eps'])}, AutoAttack {p['version']} ({', '.join(p['components'])}), "
+                f"{p.get('package', '')}")
+    if not p.get("eps") and not p.get("steps"):
+        return "clean input, no attack"
+    steps = f"{p['steps']} step{'s' * (p['steps'] != 1)} of {fmt_eps(p['step_size'])}"
+    start = "random start" if p.get("random_start") else "no random start"
+    restarts = f", {p['restarts']} restarts" if p.get("restarts", 1) > 1 else ""
+    extra = (", no projection" if not p.get("project", True) else "") + (", DEScent" if p.get("descent") else "")
+    loss = LOSS_NAMES.get(p.get("loss"), p.get("loss"))
+    return f"{p['norm']} eps {fmt_eps(p['eps'])}, {steps}, {start}{restarts}, {loss} loss{extra}"
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Terminal table: attack, accuracy, correct/n, protocol."""
+    width = max(12, *(len(r["attack"]) + 2 for r in rows))
+    head = f"{'attack':<{width}}{'accuracy':>9}  {'correct':>11}  protocol"
+    lines = [head, "-" * (len(head) + 40)]
+    for r in rows:
+        count = f"{r['correct']}/{r['total']}"
+        lines.append(f"{r['attack']:<{width}}{r['accuracy']:>9.2%}  {count:>11}  {protocol_text(r['protocol'])}")
+    return "\n".join(lines)
+
+
+def format_checks(checks: list[Mapping[str, Any]]) -> str:
+    return "\n".join(f"{c['status'].upper():<5} {c['name']}: {c['message']}" for c in checks)
+
+
+def _header(result: Mapping[str, Any]) -> list[str]:
+    d, t = result["data"], result["threat"]
+    return [f"- checkpoint: `{result['checkpoint']}` ({result.get('checkpoint_kind') or 'file'}, "
+            f"epoch {result.get('checkpoint_epoch')})",
+            f"- model: {result['model'].get('name')}; training method: {result['method'].get('name')}",
+            f"- data: {d['source']}, {d['split']} split, first {d['n_examples']} examples",
+            f"- threat model: {t['norm']}, eps {fmt_eps(t['eps'])}; images in [0, 1]",
+            f"- mode: {result['mode']} ({MODE_TEXT[result['mode']]})",
+            f"- seed {result['seed']}, device {result['device']}, torch {result.get('torch')}, "
+            f"{result['seconds']:.0f} s"]
+
+
+MODE_TEXT = {"each": "every attack runs on every naturally correct example; worst case per example",
+             "cumulative": "each attack runs only on examples every earlier attack failed on; columns are cumulative"}
+
+
+def to_markdown(result: Mapping[str, Any]) -> str:
+    lines = ["# Robustness evaluation", "", *_header(result), "",
+             "| attack | accuracy | correct / n | protocol |", "|---|---:|---:|---|"]
+    for r in result["results"]:
+        lines.append(f"| {r['attack']} | {r['accuracy']:.2%} | {r['correct']} / {r['total']} | "
+                     f"{protocol_text(r['protocol'])} |")
+    for name, diag in (result.get("diagnostics") or {}).items():
+        broken = ", ".join(f"{k} {v}" for k, v in diag.get("broken_by", {}).items())
+        lines += ["", f"{name}: examples broken by each component (each runs on the survivors of the ones "
+                  f"before it): {broken or 'none'}."]
+    lines += ["", "Every adversarial example was verified (inside the eps-ball, inside [0, 1], finite) before it "
+              "counted; accuracy is counted over examples.", "", "## Sanity checks", "",
+              "| check | status | what it means |", "|---|---|---|"]
+    lines += [f"| {c['name']} | {c['status']} | {c['message']} |" for c in result.get("sanity", [])]
+    sweep = result.get("eps_sweep")
+    if sweep:
+        lines += ["", f"## Accuracy against eps ({sweep['attack']}, {sweep['norm']})", "",
+                  "| eps | accuracy | correct / n |", "|---:|---:|---:|"]
+        lines += [f"| {fmt_eps(p['eps'])} | {p['accuracy']:.2%} | {p['correct']} / {p['total']} |"
+                  for p in sweep["points"]]
+        if sweep.get("plot"):
+            lines += ["", f"![accuracy against eps]({sweep['plot_name']})"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(result: Mapping[str, Any]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in result["results"]:
+        p = r["protocol"]
+        writer.writerow({
+            "attack": r["attack"], "accuracy": f"{r['accuracy']:.6f}", "correct": r["correct"], "total": r["total"],
+            "attacked": r.get("attacked", ""), "counted": r.get("counted", ""), "eps": p.get("eps", ""),
+            "norm": p.get("norm", ""), "steps": p.get("steps", ""), "step_size": p.get("step_size", ""),
+            "restarts": p.get("restarts", ""), "loss": p.get("loss", ""), "random_start": p.get("random_start", ""),
+            "protocol": protocol_text(p), "checkpoint": result["checkpoint"],
+            "checkpoint_kind": result.get("checkpoint_kind") or "", "checkpoint_epoch": result.get("checkpoint_epoch"),
+            "dataset": result["data"]["name"], "split": result["data"]["split"], "seed": result["seed"],
+            "mode": result["mode"],
+        })
+    return buf.getvalue()

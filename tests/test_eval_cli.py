@@ -1,0 +1,144 @@
+"""`iat eval` and `iat report` end to end on tiny runs trained on synthetic data."""
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from iat.cli import main
+
+FAST = ["--dataset", "synthetic", "--model", "cnn", "--epochs", "2", "--batch-size", "64", "--val-size", "128",
+        "--steps", "2", "--eps", "8/255", "--step-size", "2/255", "--no-progress"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one thread avoids thread contention that is many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny runs of two epochs each: pgd-at and standard."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in ("pgd-at", "standard"):
+        out[method] = root / method
+        assert main(["train", "--method", method, *FAST, "--out", str(out[method])]) == 0
+    return out
+
+
+def _valid_png(path):
+    with Image.open(path) as im:
+        im.verify()
+        return im.format == "PNG" and im.size[0] > 100
+
+
+def test_eval_writes_json_csv_markdown_checks_and_sweep(runs, capsys):
+    run = runs["pgd-at"]
+    assert main(["eval", str(run), "--attacks", "fgsm,pgd20,pgd20:restarts=2", "--n-examples", "32",
+                 "--batch-size", "12", "--eps-sweep", "0,4/255,8/255,0.25,0.5,1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "worst case" in printed and "PASS" in printed and "2 restarts" in printed
+    result = json.loads((run / "eval-best.json").read_text())
+    rows = {r["attack"]: r for r in result["results"]}
+    assert list(rows) == ["natural", "fgsm", "pgd20", "pgd20:restarts=2", "worst case"]  # natural always first
+    assert rows["pgd20:restarts=2"]["protocol"]["restarts"] == 2
+    assert all(r["total"] == 32 for r in rows.values()) and result["seed"] == 0 and result["mode"] == "each"
+    assert rows["worst case"]["correct"] <= min(r["correct"] for r in rows.values())
+    checks = {c["name"]: c for c in result["sanity"]}
+    assert {"robust_le_natural", "more_effort_not_better", "zero_gradients", "randomised_outputs",
+            "eps_sweep_decreasing", "eps_sweep_reaches_zero"} <= set(checks)
+    assert all(c["status"] in ("pass", "warn", "skip") and c["message"] for c in checks.values())
+    # the sweep of a trained model falls with eps and reaches 0 at the full range
+    points = result["eps_sweep"]["points"]
+    counts = [p["correct"] for p in points]
+    assert [p["eps"] for p in points] == sorted(p["eps"] for p in points)
+    assert all(b <= a + 1 for a, b in zip(counts, counts[1:])) and counts[0] == rows["natural"]["correct"]
+    assert counts[-1] == 0 and checks["eps_sweep_decreasing"]["status"] == "pass"
+    assert _valid_png(run / "eval-best-eps-sweep.png")
+    table = list(csv.DictReader((run / "eval-best.csv").open()))
+    assert [r["attack"] for r in table] == list(rows) and "20 steps of 2/255" in table[2]["protocol"]
+    md = (run / "eval-best.md").read_text()
+    assert "| pgd20 |" in md and "20 steps of 2/255" in md and "## Sanity checks" in md
+
+
+def test_eval_worst_case_only_is_cumulative(runs, tmp_path, capsys):
+    out = tmp_path / "wc.json"
+    assert main(["eval", str(runs["standard"]), "--attacks", "natural,fgsm,pgd20", "--eps", "32/255",
+                 "--n-examples", "32", "--worst-case-only", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["attack"]: r for r in result["results"]}
+    assert result["mode"] == "cumulative" and rows["pgd20"]["counted"] == "cumulative"
+    assert rows["pgd20"]["correct"] <= rows["fgsm"]["correct"] <= rows["natural"]["correct"]
+    assert rows["pgd20"]["attacked"] == rows["fgsm"]["correct"]  # pgd20 ran only on fgsm's survivors
+    assert rows["worst case"]["correct"] == rows["pgd20"]["correct"]
+    assert out.with_suffix(".csv").exists() and out.with_suffix(".md").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attacks", "pgd20:bogus=1"], "does not accept"),
+    (["--attacks", "pgd20:restarts"], "KEY=VALUE"),
+    (["--attacks", "nope"], "unknown attack"),
+    (["--out", "x.txt"], ".json"),
+    (["--eps-sweep", "8/255"], "at least two"),
+])
+def test_eval_bad_input_one_line(runs, args, message, capsys):
+    assert main(["eval", str(runs["standard"]), "--n-examples", "8", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_eval_autoattack_missing_is_one_line(runs, monkeypatch, capsys):
+    from iat.attacks import autoattack as adapter
+
+    monkeypatch.setattr(adapter.importlib.util, "find_spec", lambda name: None)
+    assert main(["eval", str(runs["standard"]), "--attacks", "natural,autoattack", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'pip install "iat[autoattack]"' in err and len(err.splitlines()) == 1
+
+
+def test_report_two_runs_side_by_side_with_curves(runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["report", str(runs["pgd-at"]), str(runs["standard"]), "--out", str(out), "--eval-missing",
+                 "--attacks", "natural,fgsm", "--n-examples", "16", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "pgd-at" in printed and "standard" in printed
+    for run in runs.values():  # the missing evals were run and saved in each run
+        assert (run / "eval-last.json").exists()
+    table = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["run"], r["checkpoint"]) for r in table] == [("pgd-at", "best"), ("pgd-at", "last"),
+                                                            ("standard", "best"), ("standard", "last")]
+    assert all(r["natural"] and r["fgsm"] and r["worst case"] for r in table)
+    assert all(float(r["worst case"]) <= float(r["fgsm"]) for r in table)
+    md = (out / "report.md").read_text()
+    assert "| run | method | checkpoint |" in md and "Protocols:" in md and "curves.png" in md
+    assert _valid_png(out / "curves.png")
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["columns"][0] == "natural" and summary["columns"][-1] == "worst case"
+
+
+def test_report_merges_evals_with_exact_worst_case(runs, tmp_path, capsys):
+    run = runs["standard"]
+    for attacks, name in (("natural,fgsm", "eval-best.json"), ("pgd20", "eval-best-pgd.json")):
+        assert main(["eval", str(run), "--attacks", attacks, "--eps", "16/255", "--n-examples", "24",
+                     "--out", str(run / name), "--no-progress"]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--checkpoints", "best", "--no-plots"]) == 0
+    row = json.loads((tmp_path / "rep" / "report.json").read_text())["rows"][0]
+    evals = [json.loads((run / n).read_text()) for n in ("eval-best.json", "eval-best-pgd.json")]
+    from iat.evaluate import unpack_flags
+
+    worst = unpack_flags(evals[0]["per_example"]["worst_case"], 24) & unpack_flags(
+        evals[1]["per_example"]["worst_case"], 24)
+    assert set(row["acc"]) == {"natural", "fgsm", "pgd20", "worst case"}
+    assert row["acc"]["worst case"] == pytest.approx(int(worst.sum()) / 24) and row["worst_exact"]
+
+
+def test_report_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not an iat run directory" in err and len(err.splitlines()) == 1

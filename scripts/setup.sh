@@ -6,4 +6,6 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-cpu.txt -e ".[$1]"
+# pip's notes about this machine's local index folders are noise to a user; real errors still show.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-cpu.txt -e ".[$1]" \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)

@@ -1,6 +1,7 @@
 """Command line: `iat train`, `iat eval`, `iat list`, `iat data fetch`.
 
-Bad input ends with a one-line message on stderr and exit status 2 (a traceback only with --debug).
+Bad input ends with a one-line message on stderr and exit status 2 (a traceback only with --debug);
+an operating-system failure (disk full, permissions) with a one-line message and status 1.
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,7 +31,7 @@ TRAIN_FLAGS = {
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model; RUN_DIR gets config.json, metrics.jsonl, checkpoints/")
     p.add_argument("--config", help="TOML or JSON file with the same keys as config.json's 'config'")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", default=None, help="run directory of a new run")
     for flag in TRAIN_FLAGS:
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, metavar=flag.split("_")[-1].upper())
     p.add_argument("--beta", default=None, help="weight of the method's regulariser (method option beta)")
@@ -37,7 +39,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="a method option, e.g. -O eps_inv=4/255 -O kl_direction=inv||adv")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key by dotted path, e.g. --set optim.momentum=0.9")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR (or --out) from its last checkpoint with the settings in its config.json")
     p.add_argument("--overwrite", action="store_true", help="replace a run that already exists in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -53,10 +56,33 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-examples", type=int, default=None, help="first N test examples (default: all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dataset", default=None, help="default: the training data set")
+    p.add_argument("--model", default=None, help="architecture of a plain PyTorch state_dict .pt (with --dataset)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results JSON (default RUN_DIR/eval-<checkpoint>.json)")
+    p.add_argument("--out", default=None, help="results JSON (default RUN_DIR/eval-<checkpoint>.json); "
+                   ".csv, .md and -eps-sweep.png go beside it")
+    p.add_argument("--worst-case-only", action="store_true",
+                   help="run each attack only on examples still robust (columns become cumulative; faster)")
+    p.add_argument("--eps-sweep", nargs="?", const="auto", default=None, metavar="EPS,EPS,...",
+                   help="also draw accuracy against eps as PNG (no value: 0 .. 4 eps and the full range)")
+    p.add_argument("--sweep-attack", default="pgd20", help="attack of the eps sweep (default pgd20)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="runs side by side (best and last checkpoint) and their training curves")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their eval-*.json files are read)")
+    p.add_argument("--out", default="report", help="folder for report.md/.csv/.json and curves.png (default ./report)")
+    p.add_argument("--checkpoints", default="best,last", help="best, last or best,last")
+    p.add_argument("--eval-missing", action="store_true", help="run `iat eval` first where a checkpoint has none")
+    p.add_argument("--attacks", default="natural,fgsm,pgd20,cw", help="attacks for --eval-missing")
+    p.add_argument("--n-examples", type=int, default=None, help="for --eval-missing: first N test examples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true", help="no curves.png (no matplotlib needed)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -66,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
+    _report_parser(sub)
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["models", "attacks", "methods", "datasets"])
     p = sub.add_parser("data", help="data sets")
@@ -85,9 +112,9 @@ def _pairs(items: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
-def train_config(args: argparse.Namespace) -> C.TrainConfig:
-    """Defaults <- config file <- flags."""
-    cfg = C.TrainConfig()
+def train_config(args: argparse.Namespace, base: Optional[C.TrainConfig] = None) -> C.TrainConfig:
+    """Defaults (or a resumed run's saved config) <- config file <- flags."""
+    cfg = base or C.TrainConfig()
     if args.config:
         C.update(cfg, C.read_config_file(args.config))
     for flag, key in TRAIN_FLAGS.items():
@@ -108,40 +135,95 @@ def train_config(args: argparse.Namespace) -> C.TrainConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import Trainer
 
-    cfg = train_config(args)
-    out = Path(args.out)
+    out = _run_dir(args)
     exists = (out / "config.json").exists() or (out / "checkpoints").exists()
-    if args.resume and not (out / "checkpoints" / "last.safetensors").exists():
-        raise UsageError(f"--resume: {out} holds no checkpoint to resume from")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it; pass only one of them")
     if exists and not (args.resume or args.overwrite):
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    saved = _saved_run(out) if args.resume else None
+    cfg = train_config(args, C.from_dict(saved["config"]) if saved else None)
     _check_writable(out)
+    # Building the Trainer loads the data and builds model and method, so every bad input fails here,
+    # before anything in `out` is created or replaced.
     trainer = Trainer(cfg, out)
-    if args.resume:
+    main_rank = trainer.dist.is_main  # under torchrun only rank 0 touches the run directory
+    if saved and (out / "checkpoints" / "last.safetensors").exists():
         trainer.resume()
-    elif exists:
-        for name in ("checkpoints", "metrics.jsonl", "config.json"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    summary = trainer.fit()
-    print(json.dumps({"run": str(out), **summary}))
+    elif saved:
+        trainer.check_same_run(saved, out / "config.json")
+        if main_rank:
+            print(f"iat: {out} holds no checkpoint yet; starting the run from the beginning", file=sys.stderr)
+            _clear_run(out)
+    elif exists and main_rank:
+        _clear_run(out)
+    summary = trainer.fit()  # starts with a barrier, so no rank trains before the directory is cleared
+    if main_rank:
+        print(json.dumps({"run": str(out), **summary}))
     return 0
 
 
-def _check_writable(out: Path) -> None:
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    import os
+def _run_dir(args: argparse.Namespace) -> Path:
+    """`--resume RUN_DIR`, or `--out RUN_DIR` (with a bare `--resume`, the older spelling)."""
+    resume = args.resume if isinstance(args.resume, str) else None
+    if resume and args.out and Path(resume) != Path(args.out):
+        raise UsageError(f"--resume {resume} and --out {args.out} name different run directories; give one")
+    where = resume or args.out
+    if not where:
+        raise UsageError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
+    return Path(where)
 
-    if not os.access(probe, os.W_OK):
-        raise UsageError(f"cannot write to {probe}; choose another --out")
+
+def _saved_run(out: Path) -> dict[str, Any]:
+    """The resolved settings a run saved in its config.json: a resumed run starts from these."""
+    from .checkpoint import load_checkpoint
+
+    path, last = out / "config.json", out / "checkpoints" / "last.safetensors"
+    if not path.is_file() and not last.is_file():
+        raise UsageError(f"--resume: {out} holds no run to continue (no config.json); start one with --out {out}")
+    try:
+        if path.is_file():
+            saved = json.loads(path.read_text())
+        else:  # config.json deleted by hand: the checkpoint holds the same settings
+            path, saved = last, load_checkpoint(last).get("resolved")
+        C.from_dict(saved["config"])
+    except UsageError as err:
+        raise UsageError(f"--resume: {path}: {err}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UsageError(f"--resume: {path} is damaged ({type(err).__name__}: {err}); it cannot be resumed") from None
+    return saved
+
+
+def _clear_run(out: Path) -> None:
+    for name in ("checkpoints", "metrics.jsonl", "config.json"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any work: `out` must be, or be creatable in, a folder we can really write to."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create run directory {out}: {probe} is a file, not a folder; choose another --out")
+    try:  # a real write, because as root os.access says yes even on a read-only mount
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to {probe} ({err.strerror}); choose another --out") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval_cli import run_eval
 
     return run_eval(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report
+
+    return run_report(args)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -168,7 +250,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "data": cmd_data}
+    commands = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "list": cmd_list, "data": cmd_data}
     try:
         return commands[args.command](args)
     except UsageError as err:
@@ -176,6 +258,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"iat: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if args.debug:
+            raise
+        print(f"iat: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("iat: interrupted", file=sys.stderr)
         return 130

@@ -49,7 +49,7 @@ class ThreatConfig:
     step_size: float = 2 / 255
     steps: int = 10
     norm: str = "linf"
-    bn_mode: str = "train"              # BatchNorm mode while crafting: train | eval | keep
+    bn_mode: Optional[str] = None       # BatchNorm mode while crafting: train | eval | keep; None: the method's default
     eps_warmup: float = 0.0             # fraction of training over which eps and step size ramp up from 0
 
 
@@ -64,6 +64,15 @@ class ValConfig:
 
 
 @dataclasses.dataclass
+class SpeedConfig:
+    """Opt-in speed options; they change the arithmetic, so they are part of the run's identity."""
+
+    amp: str = "none"                   # none | bf16 | fp16: autocast of training and attack forwards
+    channels_last: bool = False         # NHWC memory format for model and inputs
+    compile: bool = False               # torch.compile the model used for training forwards
+
+
+@dataclasses.dataclass
 class TrainConfig:
     method: str = "iat"
     model: str = "cnn"
@@ -74,6 +83,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     threat: ThreatConfig = dataclasses.field(default_factory=ThreatConfig)
     val: ValConfig = dataclasses.field(default_factory=ValConfig)
+    speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)
     checkpoint_every_steps: int = 0     # 0: only at the end of each epoch
     progress: bool = True
 

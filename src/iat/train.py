@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import config as C
+from . import distributed, speed
 from .attacks import create_attack
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .data import BatchLoader, DataBundle, load_dataset, train_val_split
@@ -25,6 +27,7 @@ from .evaluate import robust_accuracy
 from .methods import Method, create_method
 from .models import create_model
 from .registry import UsageError
+from .runs import model_spec_for
 from .runtime import resolve_device, rng_state, seed_everything, set_rng_state
 
 SCHEDULES = ("piecewise", "cosine", "cyclic", "constant")
@@ -60,14 +63,14 @@ def make_optimizer(o: C.OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 def model_spec(cfg: C.TrainConfig, bundle: DataBundle) -> dict[str, Any]:
     """Everything needed to rebuild the model from a checkpoint."""
-    _, c, h, _ = bundle.train.x.shape
-    return {"name": cfg.model, "num_classes": bundle.num_classes, "in_channels": int(c),
-            "input_size": int(h), "mean": list(bundle.mean), "std": list(bundle.std)}
+    return model_spec_for(cfg.model, bundle)
 
 
 def build_method(cfg: C.TrainConfig) -> Method:
     t = cfg.threat
-    threat = dict(eps=t.eps, step_size=t.step_size, steps=t.steps, norm=t.norm, bn_mode=t.bn_mode)
+    threat = dict(eps=t.eps, step_size=t.step_size, steps=t.steps, norm=t.norm)
+    if t.bn_mode is not None:  # else the method's own default (train for PGD-AT/IAT, eval for TRADES/MART)
+        threat["bn_mode"] = t.bn_mode
     return create_method(cfg.method, **{**threat, **cfg.method_options})
 
 
@@ -85,6 +88,32 @@ def validate_config(cfg: C.TrainConfig) -> None:
     if cfg.data.augment not in ("auto", "none", "crop-flip", "crop"):
         raise UsageError(f"data.augment must be auto, none, crop-flip or crop, got {cfg.data.augment!r}")
     lr_factor(o, 1)
+    speed.validate(cfg.speed)
+
+
+# What a resumed run may change: where it runs and what it prints, never its arithmetic.
+RESUME_MAY_CHANGE = ("config.device", "config.progress", "config.data.root", "config.data.download",
+                     "config.checkpoint_every_steps")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def run_identity(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Dotted key -> value of everything that must stay the same when a run resumes.
+
+    The config (method options as the method resolved them), the model spec and the split sizes;
+    compared after a JSON round trip, the form in which config.json and checkpoints keep them.
+    """
+    data = resolved.get("data") or {}
+    tree = {"config": resolved.get("config"), "method": resolved.get("method"), "model": resolved.get("model"),
+            "data": {k: data.get(k) for k in ("name", "train", "val", "test")}}
+    flat = _flat(json.loads(json.dumps(tree)))
+    return {k: v for k, v in flat.items()
+            if k not in RESUME_MAY_CHANGE and not k.startswith("config.method_options.")}
 
 
 @dataclass
@@ -96,6 +125,7 @@ class Progress:
     best_epoch: int = -1
     elapsed: float = 0.0        # training seconds so far, across resumes
     history: list = field(default_factory=list)
+    epoch_sums: dict = field(default_factory=dict)  # metric sums over the current epoch's batches so far
 
 
 class Trainer:
@@ -104,7 +134,7 @@ class Trainer:
     def __init__(self, cfg: C.TrainConfig, out: Path, bundle: Optional[DataBundle] = None) -> None:
         validate_config(cfg)
         self.cfg, self.out = cfg, Path(out)
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = distributed.setup(resolve_device(cfg.device))  # torchrun: join the group
         seed_everything(cfg.seed)
         self.bundle = bundle or load_dataset(cfg.data.name, cfg.data.root, download=cfg.data.download)
         self.train_split, self.val_split = train_val_split(self.bundle.train, cfg.data.val_size, cfg.seed)
@@ -112,8 +142,14 @@ class Trainer:
         self.spec = model_spec(cfg, self.bundle)
         self.model = create_model(cfg.model, **{k: v for k, v in self.spec.items() if k != "name"}).to(self.device)
         self.method = build_method(cfg)
+        self.method.attack()  # checks eps, step size and steps now rather than at the first step
         o = cfg.optim
+        speed.prepare_model(self.model, cfg.speed)
         self.optimizer = make_optimizer(o, self.model)
+        # self.model is what checkpoints and validation use; the training forward goes through the
+        # DDP wrapper (and torch.compile) when asked for.
+        self.train_model = speed.maybe_compile(distributed.wrap(self.model, self.device), cfg.speed)
+        self.scaler = speed.grad_scaler(self.device, cfg.speed.amp)
         total = o.epochs * len(self.loader)
         self.warmup_steps = int(cfg.threat.eps_warmup * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(o, total))
@@ -121,13 +157,19 @@ class Trainer:
         self.progress = Progress()
 
     def _loader(self) -> BatchLoader:
-        c = self.bundle.train.x.shape[1]
+        c, n, batch = self.bundle.train.x.shape[1], len(self.train_split), self.cfg.optim.batch_size
+        if batch > n:
+            raise UsageError(f"batch size {batch} is larger than the training split ({n} examples after holding "
+                             f"out {len(self.val_split)} for validation); lower the batch size or val_size")
         augment = self.cfg.data.augment
         if augment == "auto":
             augment = "crop-flip" if c == 3 else "none"
-        return BatchLoader(self.train_split, self.cfg.optim.batch_size, shuffle=True, seed=self.cfg.seed,
+        world = self.dist.world_size  # optim.batch_size is the global batch, split evenly over the ranks
+        if batch % world:
+            raise UsageError(f"batch size {batch} (the global batch) must be divisible by the {world} processes")
+        return BatchLoader(self.train_split, batch // world, shuffle=True, seed=self.cfg.seed,
                            augment=augment != "none", flip=augment == "crop-flip", device=self.device,
-                           drop_last=True)
+                           drop_last=True, rank=self.dist.rank, world_size=world)
 
     def _val_attack(self):
         t, v = self.cfg.threat, self.cfg.val
@@ -147,40 +189,89 @@ class Trainer:
         return {"kind": "train-state", "resolved": self.resolved(), "model_spec": self.spec,
                 "model": self.model.state_dict(), "method_state": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "progress": vars(p).copy()}
+                "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "progress": {**vars(p), "epoch_sums": distributed.rank_mean(p.epoch_sums)}}
 
     def save(self) -> None:
-        save_checkpoint(self.out / "checkpoints" / "last.safetensors", self.state())
+        """Every rank calls this (the epoch sums are averaged over ranks); rank 0 writes, the others wait."""
+        self._check_weights()
+        state = self.state()
+        if self.dist.is_main:
+            save_checkpoint(self.out / "checkpoints" / "last.safetensors", state)
+        distributed.barrier()
 
     def save_best(self) -> None:
-        save_checkpoint(self.out / "checkpoints" / "best.safetensors", {
-            "kind": "model", "resolved": self.resolved(), "model_spec": self.spec,
-            "model": self.model.state_dict(), "method_state": self.method.state_dict(),
-            "progress": vars(self.progress).copy()})
+        self._check_weights()
+        if self.dist.is_main:
+            save_checkpoint(self.out / "checkpoints" / "best.safetensors", {
+                "kind": "model", "resolved": self.resolved(), "model_spec": self.spec,
+                "model": self.model.state_dict(), "method_state": self.method.state_dict(),
+                "progress": vars(self.progress).copy()})
+        distributed.barrier()
 
     def resume(self) -> None:
-        """Restore everything from checkpoints/last.safetensors: the run continues bit for bit."""
+        """Restore everything from checkpoints/last.safetensors: the run continues bit for bit.
+
+        Nothing is written until the checkpoint has loaded and matches this run's settings.
+        """
         path = self.out / "checkpoints" / "last.safetensors"
         state = load_checkpoint(path)
-        if state.get("model_spec") != self.spec:
-            raise UsageError(f"checkpoint {path} was made for model {state.get('model_spec')}, not {self.spec}")
-        self.model.load_state_dict(state["model"])
-        self.method.load_state_dict(state["method_state"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.progress = Progress(**state["progress"])
-        # Drop metric lines of epochs the checkpoint does not include (written before a crash).
+        if state.get("kind") != "train-state":
+            raise UsageError(f"{path} is not a training state (kind {state.get('kind')!r}), so it cannot be resumed")
+        self.check_same_run(state.get("resolved") or {}, path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.method.load_state_dict(state["method_state"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            progress = Progress(**state["progress"])
+            set_rng_state(state["rng"])
+        except UsageError:
+            raise
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UsageError(f"checkpoint {path} cannot be resumed ({first}); it is damaged or from "
+                             "another version of iat") from None
+        progress.epoch_sums = {k: v.to(self.device) for k, v in progress.epoch_sums.items()}
+        self.progress = progress
+        if self.dist.is_main:
+            self._trim_metrics()
+        distributed.barrier()
+
+    def check_same_run(self, saved: dict[str, Any], source: Path) -> None:
+        """Refuse to continue a run with settings other than those it was trained with."""
+        old, new = run_identity(saved), run_identity(self.resolved())
+        diff = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+        if diff:
+            k, more = diff[0], f" (and {len(diff) - 1} more differences)" if len(diff) > 1 else ""
+            raise UsageError(f"cannot resume {self.out}: {k} would be {new.get(k)!r} but {source} was trained "
+                             f"with {old.get(k)!r}{more}; drop what changes it, or start a new run elsewhere")
+
+    def _trim_metrics(self) -> None:
+        """Keep the metric lines of epochs the checkpoint includes: later ones, and a line torn by a kill, go."""
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists():
-            keep = [l for l in metrics.read_text().splitlines() if l and json.loads(l)["epoch"] <= self.progress.epoch]
-            atomic_write_text(metrics, "".join(l + "\n" for l in keep))
+        if not metrics.exists():
+            return
+        keep = []
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            epoch = record.get("epoch") if isinstance(record, dict) else None
+            if isinstance(epoch, int) and epoch <= self.progress.epoch:
+                keep.append(line)
+        atomic_write_text(metrics, "".join(line + "\n" for line in keep))
 
     # ----------------------------------------------------------------- training
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "config.json", json.dumps(self.resolved(), indent=2) + "\n")
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.json", json.dumps(self.resolved(), indent=2) + "\n")
+        distributed.barrier()
         while self.progress.epoch < cfg.optim.epochs:
             epoch = self.progress.epoch
             t0 = time.perf_counter()
@@ -188,49 +279,55 @@ class Trainer:
             train_time = time.perf_counter() - t0
             self.progress.elapsed += train_time
             record = self.end_epoch(epoch, train_metrics, train_time)
-            tqdm.write(self.summary_line(record))
+            if self.dist.is_main:
+                tqdm.write(self.summary_line(record))
         return {"best_epoch": self.progress.best_epoch, "best_val_robust": self.progress.best_robust,
                 "epochs": self.progress.epoch, "train_seconds": self.progress.elapsed}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         p, cfg = self.progress, self.cfg
         self.model.train()
-        sums: dict[str, torch.Tensor] = {}
+        if p.step == 0:
+            p.epoch_sums = {}
+        sums = p.epoch_sums  # kept in the progress, so an epoch resumed mid-way reports the whole epoch's means
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         bar = tqdm(total=len(self.loader), initial=p.step, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
-                   disable=not cfg.progress, leave=False, unit="batch")
-        n = 0
+                   disable=not (cfg.progress and self.dist.is_main), leave=False, unit="batch")
         for x, y in self.loader.batches(epoch, start=p.step):
             loss, metrics = self.train_step(x, y)
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
                                    torch.tensor(p.step, device=self.device), bad_step)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float()
-            n += 1
             p.step += 1
             p.global_step += 1
             bar.update(1)
             if p.step % 20 == 0 or p.step == len(self.loader):
                 self._check_finite(bad_step, epoch)
-                bar.set_postfix({k: f"{float(v) / n:.3f}" for k, v in sums.items()})
+                bar.set_postfix({k: f"{float(v) / p.step:.3f}" for k, v in sums.items()})
             if cfg.checkpoint_every_steps and p.step % cfg.checkpoint_every_steps == 0 and p.step < len(self.loader):
                 self._check_finite(bad_step, epoch)
                 self.save()
         bar.close()
         self._check_finite(bad_step, epoch)
-        return {k: float(v) / max(n, 1) for k, v in sums.items()}
+        return {k: float(v) / max(p.step, 1) for k, v in distributed.rank_mean(sums).items()}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.warmup_steps:
             self.ramp_eps(self.progress.global_step)
-        with self.method.step_context(self.model):
-            loss, metrics = self.method.loss(self.model, x, y)
+        model, amp = self.train_model, self.cfg.speed.amp
+        x = speed.prepare_input(x, self.cfg.speed)
+        with self.method.step_context(model):
+            with speed.autocast(self.device, amp), distributed.sharded_noise():
+                loss, metrics = self.method.loss(model, x, y)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.method.after_backward(self.model)
+            self.scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
+            self.method.after_backward(model)
             if self.cfg.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         return loss, metrics
 
@@ -240,7 +337,21 @@ class Trainer:
         f = min(1.0, (step + 1) / self.warmup_steps)
         self.method.eps, self.method.step_size = t.eps * f, t.step_size * f
 
+    def _check_weights(self) -> None:
+        """A step with a finite loss can still leave inf/NaN weights (a huge lr); never checkpoint those."""
+        tensors = [w for w in self.model.state_dict().values() if w.is_floating_point()]
+        if bool(torch.stack([torch.isfinite(w).all() for w in tensors]).all()):
+            return
+        p = self.progress
+        where = f"epoch {p.epoch + 1}, step {p.step}" if p.step else f"the end of epoch {p.epoch}"
+        raise UsageError(f"non-finite weights at {where}; training stopped, the last good checkpoint is kept in "
+                         f"{self.out / 'checkpoints'} (try a lower learning rate)")
+
     def _check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
+        if self.dist.enabled:  # the first bad step of any rank, so that every rank stops together
+            never = torch.iinfo(torch.long).max
+            first = distributed.all_reduce_(torch.where(bad_step < 0, never, bad_step), "min")
+            bad_step = torch.where(first == never, -1, first)
         step = int(bad_step)
         if step >= 0:
             raise UsageError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped, the last "
@@ -251,18 +362,24 @@ class Trainer:
         n_val = min(self.cfg.val.n_examples, len(self.val_split))
         acc = robust_accuracy(self.model, self.val_split.x[:n_val], self.val_split.y[:n_val], self.val_attacks,
                               batch_size=self.cfg.val.batch_size).rates()
+        acc = distributed.from_main(acc, self.device)  # every rank validates; rank 0's numbers decide
         p.epoch, p.step = epoch + 1, 0
         record = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                   "train": train_metrics, "val_natural": acc["natural"], "val_robust": acc["robust"],
                   "val_examples": n_val, "epoch_seconds": train_time,
                   "images_per_second": len(self.loader) * self.cfg.optim.batch_size / max(train_time, 1e-9)}
+        from .monitor import check_overfitting  # catastrophic-overfitting monitor: val_fgsm, co_detected
+        record.update(check_overfitting(self, acc["robust"]))  # before best_robust counts this epoch
         if acc["robust"] > p.best_robust:
             p.best_robust, p.best_epoch = acc["robust"], epoch + 1
             self.save_best()
         record["best_epoch"] = p.best_epoch
         p.history.append({"epoch": epoch + 1, "val_natural": acc["natural"], "val_robust": acc["robust"]})
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the checkpoint that counts this epoch as done
         self.save()
         return record
 

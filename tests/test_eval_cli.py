@@ -74,6 +74,7 @@ def test_eval_worst_case_only_is_cumulative(runs, tmp_path, capsys):
     result = json.loads(out.read_text())
     rows = {r["attack"]: r for r in result["results"]}
     assert result["mode"] == "cumulative" and rows["pgd20"]["counted"] == "cumulative"
+    assert rows["fgsm"]["counted"] == "own"  # the first attack still ran on every naturally correct example
     assert rows["pgd20"]["correct"] <= rows["fgsm"]["correct"] <= rows["natural"]["correct"]
     assert rows["pgd20"]["attacked"] == rows["fgsm"]["correct"]  # pgd20 ran only on fgsm's survivors
     assert rows["worst case"]["correct"] == rows["pgd20"]["correct"]
@@ -142,3 +143,22 @@ def test_report_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not an iat run directory" in err and len(err.splitlines()) == 1
+
+
+def test_report_leaves_out_cumulative_columns():
+    from iat.evaluate import pack_flags
+    from iat.report import merge_evals
+
+    def result(mode, rows, worst):
+        n = len(worst)
+        return {"_file": f"eval-best-{mode}.json", "checkpoint_epoch": 3, "threat": {"eps": 0.1, "norm": "linf"},
+                "data": {"name": "synthetic", "n_examples": n},
+                "results": [{"attack": a, "correct": c, "accuracy": c / n, "counted": k, "protocol": {}}
+                            for a, c, k in rows] + [{"attack": "worst case", "correct": sum(worst)}],
+                "per_example": {"worst_case": pack_flags(torch.tensor(worst))}}
+
+    each = result("each", [("natural", 4, "natural"), ("cw", 3, "own")], [1, 1, 1, 0])
+    cum = result("cum", [("natural", 4, "natural"), ("pgd20", 3, "own"), ("cw", 1, "cumulative")], [0, 1, 0, 0])
+    merged = merge_evals([each, cum])
+    assert merged["rows"]["cw"]["correct"] == 3 and merged["rows"]["pgd20"]["correct"] == 3
+    assert merged["worst_case"] == 0.25 and merged["worst_exact"]

@@ -178,10 +178,16 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> dict[str, Any]:
 
 def _rows(acc: Any, attacks: dict[str, Any]) -> list[dict[str, Any]]:
     n = acc.total
-    counted = "cumulative" if acc.mode == "cumulative" else "own"
+    # In cumulative mode the first attack still ran on every naturally correct example: its own accuracy.
+    first = next((k for k, a in attacks.items() if not isinstance(a, Natural)), None)
+
+    def counted(k: str) -> str:
+        if isinstance(attacks[k], Natural):
+            return "natural"
+        return "cumulative" if acc.mode == "cumulative" and k != first else "own"
+
     rows = [{"attack": k, "accuracy": v / n, "correct": v, "total": n, "attacked": acc.attacked.get(k, 0),
-             "counted": "natural" if isinstance(attacks[k], Natural) else counted,
-             "protocol": attacks[k].describe()} for k, v in acc.correct.items()]
+             "counted": counted(k), "protocol": attacks[k].describe()} for k, v in acc.correct.items()]
     rows.append({"attack": "worst case", "accuracy": acc.worst_case / n, "correct": acc.worst_case, "total": n,
                  "counted": "worst case", "protocol": {"per_example_worst_case_of": list(attacks), "mode": acc.mode}})
     return rows

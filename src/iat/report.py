@@ -2,7 +2,8 @@
 and their training curves.
 
 Numbers come from each run's eval-*.json files (what `iat eval` writes); with --eval-missing the
-missing ones are computed first. Files for the same checkpoint are merged when they share the epoch,
+missing ones are computed first. Columns show each attack's own accuracy; the cumulative columns of a
+--worst-case-only eval are left out (they count towards the worst case only). Files for the same checkpoint are merged when they share the epoch,
 threat model, data and examples (the newest file's); the worst case over the merged attacks is exact
 when the files carry per-example outcomes, else it is the smallest file's worst case, an upper bound,
 marked with *.
@@ -58,8 +59,9 @@ def merge_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
     newest = results[-1]
     same = [r for r in results if _key(r) == _key(newest)]
     rows: dict[str, dict[str, Any]] = {}
-    for r in same:
-        rows.update({row["attack"]: row for row in r["results"] if row["attack"] != "worst case"})
+    for r in same:  # a cumulative column is not its attack's own accuracy: it only feeds the worst case
+        rows.update({row["attack"]: row for row in r["results"]
+                     if row["attack"] != "worst case" and row.get("counted", "own") in ("own", "natural")})
     n = newest["data"]["n_examples"]
     flags = [r.get("per_example", {}).get("worst_case") for r in same]
     if all(flags):

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from common import cpu_name
 from iat.methods import METHODS, create_method
 from iat.models import create_model
 
@@ -31,16 +32,6 @@ from iat.models import create_model
 VARIANTS = {"uiat-fgsm[detach_inverse]": ("uiat-fgsm", {"detach_inverse": True}),
             "uiat-fgsm[inverse_grad=kl]": ("uiat-fgsm", {"inverse_grad": "kl"})}
 FOCUS = ["fgsm-rs", "uiat-fgsm", "uiat-fgsm[detach_inverse]", "uiat-fgsm[inverse_grad=kl]"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_stepper(entry: str, args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor,

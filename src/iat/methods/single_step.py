@@ -24,13 +24,14 @@ from torch import nn
 from ..attacks import PGD
 from ..registry import UsageError
 from .base import METHODS, Method, Metrics, mean_acc
+from .standard import PGDAT
 
 # Recipes whose adversary can host the universal inverse perturbation (uiat-fgsm).
 HOSTS = ("fgsm-at", "fgsm-rs", "n-fgsm")
 
 
 @dataclasses.dataclass
-class SingleStep(Method):
+class SingleStep(PGDAT):
     """Base of the single-step recipes: CE(f(x'), y) with x' from one step of the engine.
 
     random_start: start from uniform noise in the init_scale * eps ball. init_scale: radius of the
@@ -55,13 +56,6 @@ class SingleStep(Method):
                   init_scale=self.init_scale, project=self.project)
         kw.update(overrides)
         return super().attack(**kw)
-
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        x_adv = self.attack()(model, x, y)
-        logits = model(x_adv)
-        loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.detach(), "acc_adv": mean_acc(logits, y)}
-
 
 @METHODS.register("fgsm-at", help="FGSM adversarial training: zero start, one step of eps (Goodfellow et al. 2015)")
 @dataclasses.dataclass

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..attacks import PGD
 from ..registry import UsageError
-from .base import METHODS, Method, Metrics, mean_acc
+from .base import METHODS, Metrics, mean_acc
 from .standard import PGDAT
 
 # Recipes whose adversary can host the universal inverse perturbation (uiat-fgsm).

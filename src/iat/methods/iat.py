@@ -51,8 +51,10 @@ class InverseAnchor:
             with torch.no_grad():
                 nat, adv = model(x).detach(), logits_adv.detach()
 
-            def loss(logits: torch.Tensor, y: torch.Tensor, _ref=None) -> torch.Tensor:
+            def ce_kl_loss(logits: torch.Tensor, y: torch.Tensor, _ref=None) -> torch.Tensor:
                 return ce_loss(logits, y) + kl_div(nat, logits) - kl_div(adv, logits)
+
+            loss = ce_kl_loss
 
         attack = self.attack(eps=resolve(self.eps_inv, self.eps),
                              step_size=resolve(self.step_size_inv, self.step_size),

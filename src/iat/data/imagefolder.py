@@ -26,7 +26,8 @@ from .files import cache_dir, iter_tar, log, reading_archive
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-CACHE_VERSION = 1  # bump when the cached arrays' layout changes
+CACHE_VERSION = 2  # bump when the cached arrays' layout changes (2: fixed shuffled order, not class order)
+ORDER_SEED = 0  # the fixed order of an image folder's examples (part of the data set's definition)
 
 
 def is_archive(path: Path) -> bool:
@@ -62,7 +63,10 @@ def _is_image(name: str) -> bool:
 def label_files(files: list[str], where: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
     """Classes (sorted names of train/'s sub-folders holding images) and each split's (file, label) pairs.
 
-    `files` are paths 'split/class/name' relative to the tree; the order is class, then file name.
+    `files` are paths 'split/class/name' relative to the tree. Folders have no order across classes, so each
+    split is put in one fixed shuffled order (class, then file name, then permuted by a generator seeded with
+    ORDER_SEED): the first N examples are then a sample of all classes, as in CIFAR-10's official files, and
+    `iat eval --n-examples N` or a validation subset does not see a single class.
     """
     by_split: dict[str, list[str]] = {"train": [], "test": []}
     for f in files:
@@ -78,7 +82,9 @@ def label_files(files: list[str], where: str) -> tuple[list[str], dict[str, list
         stray = next((n for n in names if n.split("/")[1] not in index), None)
         if stray is not None:
             raise UsageError(f"{where}/{stray}: its class has no images in train/; both splits need the same classes")
-        labelled[split] = [(n, index[n.split("/")[1]]) for n in sorted(names, key=lambda n: n.split("/"))]
+        ordered = sorted(names, key=lambda n: n.split("/"))
+        order = np.random.default_rng(ORDER_SEED).permutation(len(ordered))
+        labelled[split] = [(ordered[i], index[ordered[i].split("/")[1]]) for i in order]
     return classes, labelled
 
 

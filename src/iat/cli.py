@@ -1,4 +1,4 @@
-"""Command line: `iat train`, `iat eval`, `iat list`, `iat data fetch`.
+"""Command line: `iat train`, `iat eval`, `iat report`, `iat reproduce`, `iat list`, `iat data fetch`.
 
 Bad input ends with a one-line message on stderr and exit status 2 (a traceback only with --debug);
 an operating-system failure (disk full, permissions) with a one-line message and status 1.
@@ -86,6 +86,21 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="train and evaluate every cell of an experiment table, then write the table")
+    p.add_argument("table", nargs="?", help="a built-in table (iat reproduce --list) or a TOML table spec")
+    p.add_argument("--list", action="store_true", help="list the built-in tables")
+    p.add_argument("--out", default=None, help="folder of the cells' run directories (default runs/reproduce/TABLE)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the table's")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default cores / jobs)")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and stop")
+    p.add_argument("--table-only", action="store_true", help="write the table from the finished cells; run nothing")
+    p.add_argument("--results-md", default=None, metavar="FILE",
+                   help="also paste the table into FILE between its markers (plot beside it in results/)")
+    p.add_argument("--no-plots", action="store_true", help="no curves.png (no matplotlib needed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iat", description="Inverse adversarial training and robust evaluation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -93,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _report_parser(sub)
+    _reproduce_parser(sub)
     p = sub.add_parser("list", help="list registered components")
     p.add_argument("what", choices=["models", "attacks", "methods", "datasets"])
     p = sub.add_parser("data", help="data sets")
@@ -226,6 +242,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return run_report(args)
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import run_reproduce
+
+    return run_reproduce(args)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .attacks import ATTACKS
     from .data import DATASETS
@@ -250,7 +272,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "list": cmd_list, "data": cmd_data}
+    commands = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "reproduce": cmd_reproduce,
+                "list": cmd_list, "data": cmd_data}
     try:
         return commands[args.command](args)
     except UsageError as err:

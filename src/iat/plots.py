@@ -91,3 +91,39 @@ def _value(get: Any, record: Mapping[str, Any]) -> float | None:
         return float(get(record))
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]], path: Union[str, Path], *,
+                     title: str = "") -> Path:
+    """Per cell (name -> seed -> metrics.jsonl records): validation natural, PGD and FGSM accuracy per epoch,
+    the mean over seeds as a line and the range over seeds as a band."""
+    fig, axes = _figure(3)
+    panels = [("val natural accuracy (%)", "val_natural"), ("val PGD-10 accuracy (%)", "val_robust"),
+              ("val FGSM accuracy (%)", "val_fgsm")]
+    for i, (name, seeds) in enumerate(cells.items()):
+        for ax, (_, key) in zip(axes, panels):
+            by_epoch: dict[int, list[float]] = {}
+            for records in seeds.values():
+                for r in records:
+                    if r.get(key) is not None:
+                        by_epoch.setdefault(r["epoch"], []).append(100 * float(r[key]))
+            xs = sorted(by_epoch)
+            if not xs:
+                continue
+            mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in xs]
+            ax.plot(xs, mean, "o-" if len(xs) < 30 else "-", color=f"C{i}", label=f"{name} ({len(seeds)} seeds)",
+                    markersize=3)
+            if len(seeds) > 1:
+                ax.fill_between(xs, [min(by_epoch[e]) for e in xs], [max(by_epoch[e]) for e in xs],
+                                color=f"C{i}", alpha=0.15, linewidth=0)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, (label, _) in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

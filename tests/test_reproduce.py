@@ -1,0 +1,212 @@
+"""`iat reproduce`: every cell is an ordinary run directory; finished work is skipped, interrupted training
+is resumed, the table is computed from the runs' own files, and a spec that disagrees with a run stops."""
+import json
+from pathlib import Path
+
+import pytest
+
+from iat import config as C
+from iat import reproduce as R
+from iat.cli import main
+from iat.registry import UsageError
+from iat.train import Trainer
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+SPEC = """
+title = "tiny table"
+seeds = [0, 1]
+
+[config]
+method = "pgd-at"
+model = "cnn"
+device = "cpu"
+[config.data]
+name = "synthetic"
+val_size = 64
+[config.optim]
+epochs = 2
+batch_size = 64
+lr = 0.05
+[config.threat]
+eps = "8/255"
+step_size = "4/255"
+steps = 1
+[config.val]
+steps = 1
+n_examples = 32
+
+[[cells]]
+name = "pgd-at"
+method = "pgd-at"
+
+[[cells]]
+name = "iat"
+method = "iat"
+method_options = { steps_inv = 1 }
+
+[[evals]]
+attacks = "natural,pgd20"
+n_examples = 48
+
+[[evals]]
+name = "late"
+attacks = "natural,cw"
+n_examples = 32
+late = true
+
+[[compare]]
+claim = "C1"
+base = "pgd-at"
+ours = "iat"
+"""
+
+
+@pytest.fixture
+def spec_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", SRC)  # the runner's `iat` subprocesses import this checkout
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC)
+    return path
+
+
+def interrupt_after_first_epoch(spec: R.TableSpec, out: Path, cell: str, seed: int, monkeypatch) -> Path:
+    """Train a cell in-process and stop it like Ctrl-C right after its first epoch's checkpoint."""
+    cfg = spec.train_config(spec.cell(cell), seed)
+    run = R.run_dir(out, spec.cell(cell), seed)
+    original = Trainer.end_epoch
+
+    def end_then_stop(self, epoch, *args):
+        record = original(self, epoch, *args)
+        self.save()
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "end_epoch", end_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(cfg, run).fit()
+    assert R.train_state(run, cfg) == "partial"
+    return run
+
+
+def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "table"
+    spec = R.load_spec(str(spec_file))
+    partial = interrupt_after_first_epoch(spec, out, "iat", 1, monkeypatch)
+
+    assert main(["reproduce", str(spec_file), "--out", str(out), "--jobs", "2", "--threads", "1"]) == 0
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert "--resume" in logs["iat-seed1-train.log"] and "--config" in logs["iat-seed0-train.log"]
+    assert [json.loads(line)["epoch"] for line in (partial / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+    table = json.loads((out / "table.json").read_text())
+    assert table["complete"] and table["columns"] == ["natural", "pgd20", "cw", "worst case"]
+    for row in table["rows"]:  # every number is the mean of the runs' own eval files
+        run = out / row["cell"]
+        for column, first in (("pgd20", ""), ("cw", "-late")):
+            per_seed = []
+            for seed in (0, 1):
+                result = json.loads((run / f"seed{seed}" / f"eval-{row['checkpoint']}{first}.json").read_text())
+                per_seed.append(next(r["accuracy"] for r in result["results"] if r["attack"] == column))
+                assert result["data"]["n_examples"] == (48 if not first else 32)
+            assert row["acc"][column][0] == pytest.approx(100 * sum(per_seed) / 2)
+    for seed in (0, 1):  # one file of weights is evaluated once and recorded for both checkpoints
+        run = out / "pgd-at" / f"seed{seed}"
+        records = R._records(run)
+        best = json.loads((run / "eval-best.json").read_text())
+        assert ("same_weights_as" in best) == (records[-1]["best_epoch"] == records[-1]["epoch"])
+    claim = table["claims"][0]
+    assert claim["claim"] == "C1" and claim["verdict"].split(":")[0] in ("holds", "mixed", "does not hold")
+    md = (out / "table.md").read_text()
+    assert "| iat | best" in md and "Regenerate: `iat reproduce" in md and (out / "curves.png").stat().st_size > 0
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("eval-*.json")}
+    capsys.readouterr()
+    assert main(["reproduce", str(spec_file), "--out", str(out)]) == 0  # nothing left to do
+    err = capsys.readouterr().err
+    assert err.count("0 of 4 cells have work") == 2
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("eval-*.json")}
+
+
+def test_a_cell_trained_with_other_settings_is_never_overwritten(spec_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "table"
+    spec = R.load_spec(str(spec_file))
+    run = interrupt_after_first_epoch(spec, out, "pgd-at", 0, monkeypatch)
+    spec_file.write_text(SPEC.replace("lr = 0.05", "lr = 0.1"))
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["reproduce", str(spec_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optim.lr" in err[0] and "0.05" in err[0]
+    assert (run / "metrics.jsonl").read_text() == before and not (out / "logs").exists()
+
+
+def test_bad_specs_fail_in_one_line(tmp_path, capsys):
+    cases = {
+        "unknown top-level key": SPEC + "\nbogus = 1\n",
+        "unknown config key": SPEC.replace("lr = 0.05", "lr = 0.05\nlearning_rate = 1"),
+        "compare names a missing cell": SPEC.replace('ours = "iat"', 'ours = "nope"'),
+        "duplicate cell": SPEC.replace('name = "iat"', 'name = "pgd-at"'),
+        "late first group": SPEC.replace('attacks = "natural,pgd20"', 'attacks = "natural,pgd20"\nlate = true'),
+    }
+    for what, text in cases.items():
+        path = tmp_path / "bad.toml"
+        path.write_text(text)
+        assert main(["reproduce", str(path), "--out", str(tmp_path / "o")]) == 2, what
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("iat: error:"), (what, err)
+    assert main(["reproduce", "no-such-table"]) == 2
+    assert "c1c2-cifar10-jpeg" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_builtin_tables_are_valid_and_listed(capsys):
+    tables = R.builtin_tables()
+    assert {"c1c2-cifar10-jpeg", "c1c2-fashion-mnist", "c3-cifar10-jpeg"} <= set(tables)
+    for name in tables:
+        spec = R.load_spec(name)
+        assert len(spec.seeds) >= 1 and spec.compare
+        for cell in spec.cells:
+            cfg = spec.train_config(cell, spec.seeds[0])
+            assert cfg.method == cell.settings.get("method", spec.config.get("method"))
+    assert main(["reproduce", "--list"]) == 0
+    assert "c3-cifar10-jpeg" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_commands_and_writes_nothing(spec_file, tmp_path, capsys):
+    out = tmp_path / "table"
+    assert main(["reproduce", str(spec_file), "--out", str(out), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("iat train --config") == 4 and "4 of 4 cells have work" in err
+    assert not out.exists()
+
+
+def _result(base: list[float], ours: list[float], nat: list[float]) -> dict:
+    def stats(d):
+        mean = sum(d) / len(d)
+        return {"mean": mean, "std": 0.0, "wins": sum(v > 0 for v in d), "seeds": len(d)}
+
+    return {"robust_column": "worst case", "by_checkpoint": {"best": {
+        "worst case": stats([o - b for o, b in zip(ours, base)]), "natural": stats(nat)}}}
+
+
+@pytest.mark.parametrize("base,ours,nat,word", [
+    ([40, 41, 42], [42, 43, 44], [0.5, -0.2, 0.1], "holds"),
+    ([40, 41, 42], [42, 40, 45], [0.5, -0.2, 0.1], "mixed"),       # higher on average, not in every seed
+    ([40, 41, 42], [42, 43, 44], [-2.0, -1.5, -1.0], "mixed"),     # robust gain bought with natural accuracy
+    ([40, 41, 42], [39, 41, 41], [0.0, 0.0, 0.0], "does not hold"),
+])
+def test_verdict_rules(base, ours, nat, word):
+    verdict = R._verdict(_result(base, ours, nat), R.Compare("C1", "a", "b"), {}, None)
+    assert verdict.split(":")[0] == word
+
+
+def test_paste_into_replaces_only_its_block(tmp_path):
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nintro\n")
+    R.paste_into(doc, "t1", "first\n")
+    R.paste_into(doc, "t2", "other\n")
+    R.paste_into(doc, "t1", "second\n")
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nintro\n") and "second" in text and "first" not in text
+    assert text.index("second") < text.index("other") and text.count("iat reproduce t1: begin") == 1

@@ -210,6 +210,7 @@ class Step:
     log: str
     argv: list[str]  # after `iat`
     copy_to: Optional[Path] = None  # also save the eval as this (the best checkpoint is the last one)
+    done: Optional[tuple[str, EvalGroup]] = None  # (checkpoint, group): skip the step if that eval exists by then
 
 
 def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, late: bool) -> list[Step]:
@@ -221,18 +222,17 @@ def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, la
         steps.append(Step("train", ["train", "--config", str(cfg_file), "--out", str(run), "--no-progress"]))
     elif not late and state == "partial":
         steps.append(Step("train", ["train", "--resume", str(run), "--no-progress"]))
-    same = state == "done" and len(set(checkpoint_epochs(run).values())) == 1
     for group in (g for g in spec.evals if g.late == late):
-        kinds = [k for k in spec.checkpoints if state != "done" or not eval_done(run, k, group)]
-        if same and set(kinds) == {"best", "last"}:  # one file of weights: evaluate once, save it twice
-            kinds = ["last"]
+        # the last checkpoint first: when the best one is the same epoch (same weights), its eval is copied
+        kinds = [k for k in sorted(spec.checkpoints, key=KINDS[::-1].index)
+                 if state != "done" or not eval_done(run, k, group)]
         for kind in kinds:
             argv = ["eval", str(run), "--checkpoint", kind, "--attacks", group.attacks, "--no-progress",
                     "--out", str(eval_path(run, kind, group))]
             if group.n_examples is not None:
                 argv += ["--n-examples", str(group.n_examples)]
             copy = eval_path(run, "best", group) if kind == "last" and "best" in spec.checkpoints else None
-            steps.append(Step(f"eval-{kind}{'-' + group.name if group.name else ''}", argv, copy))
+            steps.append(Step(f"eval-{kind}{'-' + group.name if group.name else ''}", argv, copy, (kind, group)))
     return steps
 
 
@@ -253,6 +253,8 @@ def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     for step in steps:
+        if step.done and eval_done(run, *step.done):
+            continue  # the best checkpoint is the last one, whose eval was just copied
         log = out / "logs" / f"{ident.replace('/', '-')}-{step.log}.log"
         with log.open("a") as f:
             f.write(f"$ iat {shlex.join(step.argv)}\n")

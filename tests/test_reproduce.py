@@ -155,6 +155,8 @@ def test_bad_specs_fail_in_one_line(tmp_path, capsys):
         assert main(["reproduce", str(path), "--out", str(tmp_path / "o")]) == 2, what
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("iat: error:"), (what, err)
+    assert main(["reproduce", "c3-cifar10-jpeg", "--gpus", "0,1", "--jobs", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "--jobs 3 is more than the 2 GPUs" in capsys.readouterr().err
     assert main(["reproduce", "no-such-table"]) == 2
     assert "c1c2-cifar10-jpeg" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -92,7 +92,9 @@ def _reproduce_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list the built-in tables")
     p.add_argument("--out", default=None, help="folder of the cells' run directories (default runs/reproduce/TABLE)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds instead of the table's")
-    p.add_argument("--jobs", type=int, default=1, help="cells run at once (default 1)")
+    p.add_argument("--jobs", type=int, default=None, help="cells run at once (default 1, or one per --gpus id)")
+    p.add_argument("--gpus", default=None, metavar="ID,ID,...",
+                   help="GPU ids; each running cell gets one of them alone (CUDA_VISIBLE_DEVICES)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default cores / jobs)")
     p.add_argument("--dry-run", action="store_true", help="print what would run and stop")
     p.add_argument("--table-only", action="store_true", help="write the table from the finished cells; run nothing")

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import queue
 import shlex
 import subprocess
 import sys
@@ -248,9 +249,23 @@ def _copy_if_same(run: Path, step: Step) -> None:
     atomic_write_text(step.copy_to, json.dumps(result, indent=1))
 
 
-def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int) -> tuple[str, float, str]:
-    """Run a cell's steps, each logged to OUT/logs; returns (cell id, seconds, error or '')."""
+def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
+              gpus: Optional[queue.Queue] = None) -> tuple[str, float, str]:
+    """Run a cell's steps, each logged to OUT/logs; returns (cell id, seconds, error or '').
+    With `gpus`, the cell takes one GPU id from the queue for all its steps and gives it back."""
+    gpu = gpus.get() if gpus is not None else None
+    try:
+        return _run_steps(out, ident, run, steps, threads, gpu)
+    finally:
+        if gpus is not None:
+            gpus.put(gpu)
+
+
+def _run_steps(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
+               gpu: Optional[str]) -> tuple[str, float, str]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     t0 = time.perf_counter()
     for step in steps:
         if step.done and eval_done(run, *step.done):
@@ -269,7 +284,7 @@ def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int)
 
 
 def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] = None,
-              dry_run: bool = False) -> list[str]:
+              dry_run: bool = False, gpus: Optional[list[str]] = None) -> list[str]:
     """Advance every cell: first training and the early evals of all cells, then the late evals.
     Returns the failures (one line each)."""
     failures: list[str] = []
@@ -304,7 +319,13 @@ def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] 
 
         with futures.ThreadPoolExecutor(max_workers=jobs) as pool, \
                 tqdm(total=len(plan), desc=phase, unit="cell") as bar:
-            pending = [pool.submit(_run_cell, out, ident, run, steps, threads) for ident, run, _, _, steps in plan]
+            free = None
+            if gpus:
+                free = queue.Queue()
+                for gpu in gpus:
+                    free.put(gpu)
+            pending = [pool.submit(_run_cell, out, ident, run, steps, threads, free)
+                       for ident, run, _, _, steps in plan]
             for job in futures.as_completed(pending):
                 ident, seconds, error = job.result()
                 bar.update()
@@ -553,21 +574,27 @@ def write_table(spec: TableSpec, out: Path, results_md: Optional[Path], command:
 
 def run_reproduce(args: argparse.Namespace) -> int:
     if args.list or not args.table:
-        for name, path in builtin_tables().items():
+        tables = builtin_tables()
+        width = max(map(len, tables))
+        for name, path in tables.items():
             spec = load_spec(str(path))
-            print(f"{name:<28} {len(spec.cells)} cells x {len(spec.seeds)} seeds  {spec.title}")
+            print(f"{name:<{width}}  {len(spec.cells)} cells x {len(spec.seeds)} seed(s)  {spec.title}")
         return 0
     spec = load_spec(args.table)
     if args.seeds:
         spec.seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out or Path("runs") / "reproduce" / spec.name)
-    if args.jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+    jobs = args.jobs if args.jobs is not None else len(gpus) if gpus else 1
+    if jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if gpus and jobs > len(gpus):
+        raise UsageError(f"--jobs {jobs} is more than the {len(gpus)} GPUs of --gpus; each cell needs its own GPU")
     if not args.no_plots:
         from .plots import require_matplotlib
 
         require_matplotlib()
-    failures = [] if args.table_only else run_table(spec, out, args.jobs, args.threads, args.dry_run)
+    failures = [] if args.table_only else run_table(spec, out, jobs, args.threads, args.dry_run, gpus)
     if args.dry_run:
         return 0
     command = f"iat reproduce {args.table}" + (f" --seeds {args.seeds}" if args.seeds else "")

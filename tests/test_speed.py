@@ -54,3 +54,28 @@ def test_speed_options_train_and_are_recorded(tmp_path, speed):
 def test_bad_amp_value_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="speed.amp"):
         Trainer(_cfg(amp="fp8"), tmp_path, load_dataset("synthetic", n_train=96, n_test=16))
+
+
+@pytest.mark.parametrize("method", ["pgd-at", "iat", "uiat-fgsm"])
+def test_compile_trains_like_eager(tmp_path, monkeypatch, method):
+    """speed.compile=true goes through torch.compile (TorchDynamo tracing, guards, recompiles when attacks
+    flip requires_grad) and trains the same weights as eager mode. The "aot_eager" backend traces exactly
+    as inductor does but skips code generation, which takes a minute on CPU (inductor itself ran here:
+    `iat train ... --set speed.compile=true`)."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    weights = {}
+    for compiled in (False, True):
+        cfg = _cfg(compile=compiled)
+        cfg.method = method
+        trainer = Trainer(cfg, tmp_path / str(compiled), load_dataset("synthetic", n_train=96, n_test=16))
+        trainer.fit()
+        saved = json.loads((tmp_path / str(compiled) / "config.json").read_text())["config"]["speed"]
+        assert saved["compile"] is compiled
+        assert isinstance(trainer.train_model, torch._dynamo.eval_frame.OptimizedModule) is compiled
+        weights[compiled] = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # TorchDynamo really traced graphs
+    assert weights[True].keys() == weights[False].keys()
+    for key in weights[False]:
+        torch.testing.assert_close(weights[True][key], weights[False][key], rtol=1e-4, atol=1e-5)

@@ -15,7 +15,7 @@ from iat.methods import create_method
 from iat.methods.single_step import alignment_penalty, input_gradient
 from iat.methods.uiat import UniversalPerturbation
 from iat.models import MODELS
-from iat.monitor import co_rule
+from iat.monitor import co_epochs, co_rule
 from iat.registry import UsageError
 
 EPS = 8 / 255
@@ -245,9 +245,13 @@ def test_bad_options(name, options):
 # ----------------------------------------------------------------- catastrophic-overfitting monitor
 
 def flags(curve):
-    """co_rule over (fgsm, pgd) pairs per epoch, with the best earlier PGD accuracy as the trainer keeps it."""
+    """co_rule over (fgsm, pgd) pairs per epoch, with the best earlier accuracies as the trainer keeps them."""
     best = [max([-1.0] + [pgd for _, pgd in curve[:i]]) for i in range(len(curve))]
-    return [co_rule(fgsm, pgd, b) is not None for (fgsm, pgd), b in zip(curve, best)]
+    best_fgsm = [max([-1.0] + [fgsm for fgsm, _ in curve[:i]]) for i in range(len(curve))]
+    out = [co_rule(fgsm, pgd, b, bf) is not None for (fgsm, pgd), b, bf in zip(curve, best, best_fgsm)]
+    records = [{"epoch": i + 1, "val_fgsm": f, "val_robust": p} for i, (f, p) in enumerate(curve)]
+    assert [e for e, _ in co_epochs(records)] == [i + 1 for i, flag in enumerate(out) if flag]  # same rule
+    return out
 
 
 def test_co_monitor_flags_a_collapse_and_not_a_healthy_curve():
@@ -259,6 +263,14 @@ def test_co_monitor_flags_a_collapse_and_not_a_healthy_curve():
     assert flags(widening) == [False, False, True]
     diverged = [(0.45, 0.40), (0.12, 0.05)]  # everything fell: not overfitting, and nothing to compare
     assert flags(diverged) == [False, False]
+    # eps 16/255, small CNN on CIFAR-10 (FGSM-AT, a real run's validation curve): every accuracy is low,
+    # PGD collapses from 12% to 1% while FGSM holds; the relative rule (c) flags it, (a) and (b) cannot
+    hard = [(0.132, 0.108), (0.154, 0.122), (0.18, 0.118), (0.128, 0.036), (0.108, 0.008), (0.134, 0.01)]
+    assert flags(hard) == [False, False, False, False, True, True]
+    untrained = [(0.02, 0.01), (0.03, 0.0), (0.01, 0.0)]  # never learned: nothing collapsed
+    assert not any(flags(untrained))
+    weak_everywhere = [(0.20, 0.12), (0.08, 0.02)]  # FGSM fell too (to 40% of its best): degrading, not CO
+    assert flags(weak_everywhere) == [False, False]
 
 
 def test_trainer_records_val_fgsm_and_warns(tmp_path, monkeypatch, capsys):

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 from . import config as C
 from .checkpoint import atomic_write_bytes, atomic_write_text
+from .monitor import co_epochs
 from .registry import UsageError
 from .tables import fmt_eps
 
@@ -373,7 +374,7 @@ def read_cell(run: Path, spec: TableSpec) -> Optional[dict[str, Any]]:
     seconds = [r["epoch_seconds"] for r in records if "epoch_seconds" in r]
     return {"records": records, "evals": evals, "epoch_seconds": sum(seconds) / max(1, len(seconds)),
             "images_per_second": sum(r.get("images_per_second", 0) for r in records) / len(records),
-            "co_epochs": [r["epoch"] for r in records if r.get("co_detected")],
+            "co_epochs": [epoch for epoch, _ in co_epochs(records)],  # the current rule, on the recorded curves
             "best_epoch": records[-1].get("best_epoch"), "epochs": records[-1]["epoch"]}
 
 
@@ -508,6 +509,8 @@ def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> s
         lines.append("| " + " | ".join([r["cell"], r["checkpoint"] + epochs, str(n),
                                         *[_fmt(r["acc"][c], n) for c in cols],
                                         _fmt(r["epoch_seconds"], n), co]) + " |")
+    lines += ["", "CO epochs: the epochs that the catastrophic-overfitting rule of `iat.monitor` (`co_rule`) flags "
+              "on each run's recorded validation curves (PGD-10 against FGSM accuracy per epoch)."]
     if table["claims"]:
         lines += ["", "Claims, paired by seed (ours − base, points; best checkpoints decide the verdict):", ""]
         lines += ["| claim | ours vs base | ckpt | " + " | ".join(cols) + " | verdict |",

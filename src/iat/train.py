@@ -374,7 +374,8 @@ class Trainer:
             p.best_robust, p.best_epoch = acc["robust"], epoch + 1
             self.save_best()
         record["best_epoch"] = p.best_epoch
-        p.history.append({"epoch": epoch + 1, "val_natural": acc["natural"], "val_robust": acc["robust"]})
+        p.history.append({"epoch": epoch + 1, "val_natural": acc["natural"], "val_robust": acc["robust"],
+                          "val_fgsm": record["val_fgsm"]})
         if self.dist.is_main:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -5,10 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from iat import config as C
-from iat import reproduce as R
+from iat.reproduce import runner, spec as specs, table
 from iat.cli import main
-from iat.registry import UsageError
 from iat.train import Trainer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -71,14 +69,14 @@ def spec_file(tmp_path, monkeypatch):
     return path
 
 
-def interrupt_after_first_epoch(spec: R.TableSpec, out: Path, cell: str, seed: int, monkeypatch) -> Path:
+def interrupt_after_first_epoch(spec: specs.TableSpec, out: Path, cell: str, seed: int, monkeypatch) -> Path:
     """Train a cell in-process and stop it like Ctrl-C right after its first epoch's checkpoint."""
     cfg = spec.train_config(spec.cell(cell), seed)
-    run = R.run_dir(out, spec.cell(cell), seed)
+    run = runner.run_dir(out, spec.cell(cell), seed)
     original = Trainer.end_epoch
 
     def end_then_stop(self, epoch, *args):
-        record = original(self, epoch, *args)
+        original(self, epoch, *args)
         self.save()
         raise KeyboardInterrupt
 
@@ -86,13 +84,13 @@ def interrupt_after_first_epoch(spec: R.TableSpec, out: Path, cell: str, seed: i
         m.setattr(Trainer, "end_epoch", end_then_stop)
         with pytest.raises(KeyboardInterrupt):
             Trainer(cfg, run).fit()
-    assert R.train_state(run, cfg) == "partial"
+    assert runner.train_state(run, cfg) == "partial"
     return run
 
 
 def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "table"
-    spec = R.load_spec(str(spec_file))
+    spec = specs.load_spec(str(spec_file))
     partial = interrupt_after_first_epoch(spec, out, "iat", 1, monkeypatch)
 
     assert main(["reproduce", str(spec_file), "--out", str(out), "--jobs", "2", "--threads", "1"]) == 0
@@ -113,7 +111,7 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
             assert row["acc"][column][0] == pytest.approx(100 * sum(per_seed) / 2)
     for seed in (0, 1):  # one file of weights is evaluated once and recorded for both checkpoints
         run = out / "pgd-at" / f"seed{seed}"
-        records = R._records(run)
+        records = runner.read_records(run)
         best = json.loads((run / "eval-best.json").read_text())
         assert ("same_weights_as" in best) == (records[-1]["best_epoch"] == records[-1]["epoch"])
     claim = table["claims"][0]
@@ -131,7 +129,7 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
 
 def test_a_cell_trained_with_other_settings_is_never_overwritten(spec_file, tmp_path, monkeypatch, capsys):
     out = tmp_path / "table"
-    spec = R.load_spec(str(spec_file))
+    spec = specs.load_spec(str(spec_file))
     run = interrupt_after_first_epoch(spec, out, "pgd-at", 0, monkeypatch)
     spec_file.write_text(SPEC.replace("lr = 0.05", "lr = 0.1"))
     before = (run / "metrics.jsonl").read_text()
@@ -163,10 +161,10 @@ def test_bad_specs_fail_in_one_line(tmp_path, capsys):
 
 
 def test_builtin_tables_are_valid_and_listed(capsys):
-    tables = R.builtin_tables()
+    tables = specs.builtin_tables()
     assert {"c1c2-cifar10-jpeg", "c1c2-fashion-mnist", "c3-cifar10-jpeg"} <= set(tables)
     for name in tables:
-        spec = R.load_spec(name)
+        spec = specs.load_spec(name)
         assert len(spec.seeds) >= 1 and spec.compare
         for cell in spec.cells:
             cfg = spec.train_config(cell, spec.seeds[0])
@@ -199,16 +197,16 @@ def _result(base: list[float], ours: list[float], nat: list[float]) -> dict:
     ([40, 41, 42], [39, 41, 41], [0.0, 0.0, 0.0], "does not hold"),
 ])
 def test_verdict_rules(base, ours, nat, word):
-    verdict = R._verdict(_result(base, ours, nat), R.Compare("C1", "a", "b"), {}, None)
+    verdict = table._verdict(_result(base, ours, nat), specs.Compare("C1", "a", "b"), {}, None)
     assert verdict.split(":")[0] == word
 
 
 def test_paste_into_replaces_only_its_block(tmp_path):
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nintro\n")
-    R.paste_into(doc, "t1", "first\n")
-    R.paste_into(doc, "t2", "other\n")
-    R.paste_into(doc, "t1", "second\n")
+    table.paste_into(doc, "t1", "first\n")
+    table.paste_into(doc, "t2", "other\n")
+    table.paste_into(doc, "t1", "second\n")
     text = doc.read_text()
     assert text.startswith("# Results\n\nintro\n") and "second" in text and "first" not in text
     assert text.index("second") < text.index("other") and text.count("iat reproduce t1: begin") == 1

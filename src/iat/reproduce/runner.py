@@ -1,0 +1,210 @@
+"""Cells on disk and the `iat train` / `iat eval` subprocesses that advance them: skip what is done, resume
+what was interrupted, refuse a run made with other settings, evaluate AutoAttack-like groups last."""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import config as C
+from ..checkpoint import atomic_write_text
+from ..registry import UsageError
+from .spec import KINDS, Cell, EvalGroup, TableSpec
+
+
+def run_dir(out: Path, cell: Cell, seed: int) -> Path:
+    return out / cell.name / f"seed{seed}"
+
+
+def read_records(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{prefix[:-1]} (saved {a!r}, table {b!r})"
+
+
+def train_state(run: Path, cfg: C.TrainConfig) -> str:
+    """'new', 'partial' (resume it) or 'done'; a run made with other settings is an error."""
+    saved_path = run / "config.json"
+    if not saved_path.is_file():
+        return "partial" if (run / "checkpoints" / "last.safetensors").is_file() else "new"
+    saved = json.loads(saved_path.read_text())["config"]
+    mine = json.loads(json.dumps(C.to_dict(cfg)))  # tuples become lists, as in the saved file
+    ignore = ("progress", "device")  # how it ran, not what it computes
+    diff = _first_difference({k: v for k, v in saved.items() if k not in ignore},
+                             {k: v for k, v in mine.items() if k not in ignore})
+    if diff:
+        raise UsageError(f"{run} was trained with other settings than the table asks: {diff}; "
+                         "move it away (or use another --out) to train the table's cell")
+    records = read_records(run)
+    done = records and records[-1].get("epoch") == cfg.optim.epochs and (run / "checkpoints" / "last.safetensors").is_file()
+    return "done" if done else "partial"
+
+
+def eval_path(run: Path, kind: str, group: EvalGroup) -> Path:
+    return run / f"eval-{kind}{'-' + group.name if group.name else ''}.json"
+
+
+def checkpoint_epochs(run: Path) -> dict[str, int]:
+    records = read_records(run)
+    return {"best": records[-1]["best_epoch"], "last": records[-1]["epoch"]} if records else {}
+
+
+def eval_done(run: Path, kind: str, group: EvalGroup) -> bool:
+    """An eval of the checkpoint as it is now, with every attack and the number of examples the group asks."""
+    try:
+        result = json.loads(eval_path(run, kind, group).read_text())
+        epoch = checkpoint_epochs(run)[kind]
+    except (OSError, ValueError, KeyError):
+        return False
+    attacks = {r["attack"] for r in result.get("results", [])}
+    n = group.n_examples
+    return (result.get("checkpoint_epoch") == epoch and set(group.columns()) <= attacks
+            and (n is None or result.get("data", {}).get("n_examples") == n))
+
+
+@dataclasses.dataclass
+class Step:
+    log: str
+    argv: list[str]  # after `iat`
+    copy_to: Optional[Path] = None  # also save the eval as this (the best checkpoint is the last one)
+    done: Optional[tuple[str, EvalGroup]] = None  # (checkpoint, group): skip the step if that eval exists by then
+
+
+def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, late: bool) -> list[Step]:
+    """What this cell still needs: training (early phase), then its evals of the early or the late phase."""
+    run = run_dir(out, cell, seed)
+    steps = []
+    if not late and state == "new":
+        cfg_file = out / "configs" / f"{cell.name}-seed{seed}.json"
+        steps.append(Step("train", ["train", "--config", str(cfg_file), "--out", str(run), "--no-progress"]))
+    elif not late and state == "partial":
+        steps.append(Step("train", ["train", "--resume", str(run), "--no-progress"]))
+    for group in (g for g in spec.evals if g.late == late):
+        # the last checkpoint first: when the best one is the same epoch (same weights), its eval is copied
+        kinds = [k for k in sorted(spec.checkpoints, key=KINDS[::-1].index)
+                 if state != "done" or not eval_done(run, k, group)]
+        for kind in kinds:
+            argv = ["eval", str(run), "--checkpoint", kind, "--attacks", group.attacks, "--no-progress",
+                    "--out", str(eval_path(run, kind, group))]
+            if group.n_examples is not None:
+                argv += ["--n-examples", str(group.n_examples)]
+            copy = eval_path(run, "best", group) if kind == "last" and "best" in spec.checkpoints else None
+            steps.append(Step(f"eval-{kind}{'-' + group.name if group.name else ''}", argv, copy, (kind, group)))
+    return steps
+
+
+def _copy_if_same(run: Path, step: Step) -> None:
+    """After the last checkpoint's eval: if the best checkpoint is the same epoch, its eval is this one."""
+    epochs = checkpoint_epochs(run)
+    if step.copy_to is None or epochs.get("best") != epochs.get("last"):
+        return
+    src = Path(step.argv[step.argv.index("--out") + 1])
+    result = json.loads(src.read_text())
+    result.update(checkpoint_kind="best", checkpoint=str(run / "checkpoints" / "best.safetensors"),
+                  same_weights_as=src.name)
+    atomic_write_text(step.copy_to, json.dumps(result, indent=1))
+
+
+def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
+              gpus: Optional[queue.Queue] = None) -> tuple[str, float, str]:
+    """Run a cell's steps, each logged to OUT/logs; returns (cell id, seconds, error or '').
+    With `gpus`, the cell takes one GPU id from the queue for all its steps and gives it back."""
+    gpu = gpus.get() if gpus is not None else None
+    try:
+        return _run_steps(out, ident, run, steps, threads, gpu)
+    finally:
+        if gpus is not None:
+            gpus.put(gpu)
+
+
+def _run_steps(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
+               gpu: Optional[str]) -> tuple[str, float, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    t0 = time.perf_counter()
+    for step in steps:
+        if step.done and eval_done(run, *step.done):
+            continue  # the best checkpoint is the last one, whose eval was just copied
+        log = out / "logs" / f"{ident.replace('/', '-')}-{step.log}.log"
+        with log.open("a") as f:
+            f.write(f"$ iat {shlex.join(step.argv)}\n")
+            f.flush()
+            code = subprocess.call([sys.executable, "-m", "iat", *step.argv], stdout=f, stderr=subprocess.STDOUT,
+                                   env=env)
+        if code != 0:
+            tail = [line for line in log.read_text().splitlines() if line.strip()][-1:]
+            return ident, time.perf_counter() - t0, f"`iat {step.argv[0]}` exited {code}: {' '.join(tail)} (log: {log})"
+        _copy_if_same(run, step)
+    return ident, time.perf_counter() - t0, ""
+
+
+def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] = None,
+              dry_run: bool = False, gpus: Optional[list[str]] = None) -> list[str]:
+    """Advance every cell: first training and the early evals of all cells, then the late evals.
+    Returns the failures (one line each)."""
+    failures: list[str] = []
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    for late in (False, True):
+        plan = []
+        for cell in spec.cells:
+            for seed in spec.seeds:
+                cfg = spec.train_config(cell, seed)
+                run = run_dir(out, cell, seed)
+                state = train_state(run, cfg)
+                if late and state != "done":
+                    continue  # its training failed in the early phase (reported there)
+                steps = plan_steps(spec, out, cell, seed, state, late)
+                if steps:
+                    plan.append((f"{cell.name}/seed{seed}", run, cfg, state, steps))
+        phase = "late evaluations" if late else "training and evaluation"
+        print(f"iat reproduce {spec.name} ({phase}): {len(plan)} of {len(spec.cells) * len(spec.seeds)} cells "
+              f"have work in {out}", file=sys.stderr)
+        for _, _, _, _, steps in plan:
+            for step in steps:
+                print(f"  iat {shlex.join(step.argv)}", file=sys.stderr)
+        if dry_run or not plan:
+            continue
+        (out / "configs").mkdir(parents=True, exist_ok=True)
+        (out / "logs").mkdir(exist_ok=True)
+        for ident, run, cfg, state, _ in plan:
+            cfg_file = out / "configs" / f"{ident.replace('/', '-')}.json"
+            if state == "new":
+                atomic_write_text(cfg_file, json.dumps(C.to_dict(cfg), indent=1))
+        from tqdm import tqdm
+
+        with futures.ThreadPoolExecutor(max_workers=jobs) as pool, \
+                tqdm(total=len(plan), desc=phase, unit="cell") as bar:
+            free = None
+            if gpus:
+                free = queue.Queue()
+                for gpu in gpus:
+                    free.put(gpu)
+            pending = [pool.submit(_run_cell, out, ident, run, steps, threads, free)
+                       for ident, run, _, _, steps in plan]
+            for job in futures.as_completed(pending):
+                ident, seconds, error = job.result()
+                bar.update()
+                bar.write(f"{ident}: {'FAILED ' + error if error else 'done'} ({seconds / 60:.1f} min)")
+                if error:
+                    failures.append(f"{ident}: {error}")
+    return failures

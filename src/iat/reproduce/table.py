@@ -1,0 +1,254 @@
+"""The table of `iat reproduce`: every cell's run directory read back, means and spreads over seeds,
+paired claim checks with fixed verdict rules, Markdown/CSV/JSON and the curves plot."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from ..checkpoint import atomic_write_bytes, atomic_write_text
+from ..monitor import co_epochs
+from ..tables import fmt_eps
+from .runner import eval_path, read_records, run_dir
+from .spec import Compare, TableSpec
+
+BEGIN, END = "<!-- iat reproduce {}: begin (generated; do not edit) -->", "<!-- iat reproduce {}: end -->"
+
+
+def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def read_cell(run: Path, spec: TableSpec) -> Optional[dict[str, Any]]:
+    """One finished run: accuracies per checkpoint (from every eval group), time per epoch, CO flags, curves."""
+    records = read_records(run)
+    if not records:
+        return None
+    evals = {}
+    for kind in spec.checkpoints:
+        acc, columns = {}, {}
+        for group in spec.evals:
+            try:
+                result = json.loads(eval_path(run, kind, group).read_text())
+            except (OSError, ValueError):
+                continue
+            for r in result["results"]:
+                own = r.get("counted", "own") in ("own", "natural") and r["attack"] != "worst case"
+                if (own or (r["attack"] == "worst case" and group is spec.evals[0])) and r["attack"] not in acc:
+                    acc[r["attack"]] = r["accuracy"]
+                    columns[r["attack"]] = {"protocol": r["protocol"], "n": result["data"]["n_examples"]}
+            if group is spec.evals[0]:
+                evals[kind] = {"epoch": result.get("checkpoint_epoch"), "threat": result["threat"],
+                               "data": result["data"]}
+        if kind in evals:
+            evals[kind].update(acc=acc, columns=columns)
+    seconds = [r["epoch_seconds"] for r in records if "epoch_seconds" in r]
+    return {"records": records, "evals": evals, "epoch_seconds": sum(seconds) / max(1, len(seconds)),
+            "images_per_second": sum(r.get("images_per_second", 0) for r in records) / len(records),
+            "co_epochs": [epoch for epoch, _ in co_epochs(records)],  # the current rule, on the recorded curves
+            "best_epoch": records[-1].get("best_epoch"), "epochs": records[-1]["epoch"]}
+
+
+def table_columns(spec: TableSpec) -> list[str]:
+    columns = [c for g in spec.evals for c in g.columns()]
+    return list(dict.fromkeys(columns)) + ["worst case"]
+
+
+def build_table(spec: TableSpec, out: Path) -> dict[str, Any]:
+    cells: dict[str, dict[int, dict[str, Any]]] = {}
+    for cell in spec.cells:
+        for seed in spec.seeds:
+            data = read_cell(run_dir(out, cell, seed), spec)
+            if data is not None and data["epochs"] == spec.train_config(cell, seed).optim.epochs:
+                cells.setdefault(cell.name, {})[seed] = data
+    columns = table_columns(spec)
+    rows = []
+    for cell in spec.cells:
+        runs = cells.get(cell.name, {})
+        for kind in spec.checkpoints:
+            row = {"cell": cell.name, "checkpoint": kind, "seeds": [], "acc": {}, "per_seed": {}}
+            for column in columns:
+                per_seed = {s: r["evals"][kind]["acc"][column] for s, r in runs.items()
+                            if kind in r["evals"] and column in r["evals"][kind]["acc"]}
+                row["per_seed"][column] = per_seed
+                row["acc"][column] = _mean_std([100 * v for v in per_seed.values()])
+            row["seeds"] = sorted(s for s, r in runs.items() if kind in r["evals"])
+            row["epochs"] = [runs[s]["evals"][kind]["epoch"] for s in row["seeds"]]
+            row["epoch_seconds"] = _mean_std([r["epoch_seconds"] for r in runs.values()])
+            row["co"] = {s: r["co_epochs"] for s, r in runs.items()}
+            rows.append(row)
+    protocol = None
+    for runs in cells.values():
+        for r in runs.values():
+            for ev in r["evals"].values():
+                if protocol is None:
+                    protocol = {"threat": ev["threat"], "data": ev["data"], "columns": {}}
+                for name, col in ev["columns"].items():
+                    protocol["columns"].setdefault(name, col)
+    table = {"table": spec.name, "title": spec.title, "spec": spec.source, "seeds": spec.seeds, "columns": columns,
+             "rows": rows, "protocol": protocol, "complete": all(len(cells.get(c.name, {})) == len(spec.seeds)
+                                                                 for c in spec.cells),
+             "missing": [f"{c.name}/seed{s}" for c in spec.cells for s in spec.seeds if s not in cells.get(c.name, {})],
+             "config": spec.config, "cells": {c.name: c.settings for c in spec.cells}}
+    table["claims"] = [compare_cells(cmp, rows, cells, spec) for cmp in spec.compare]
+    table["curves"] = {name: {s: r["records"] for s, r in runs.items()} for name, runs in cells.items()}
+    return table
+
+
+def compare_cells(cmp: Compare, rows: list[dict[str, Any]], cells: dict[str, Any], spec: TableSpec) -> dict[str, Any]:
+    """Paired by seed: ours - base for every column and checkpoint, and a verdict from fixed rules."""
+    columns = table_columns(spec)
+    robust = "worst case"
+    out = {"claim": cmp.claim, "base": cmp.base, "ours": cmp.ours, "kind": cmp.kind, "robust_column": robust,
+           "by_checkpoint": {}}
+    for kind in spec.checkpoints:
+        base = next(r for r in rows if r["cell"] == cmp.base and r["checkpoint"] == kind)
+        ours = next(r for r in rows if r["cell"] == cmp.ours and r["checkpoint"] == kind)
+        diffs = {}
+        for column in columns:
+            seeds = sorted(set(base["per_seed"][column]) & set(ours["per_seed"][column]))
+            d = [100 * (ours["per_seed"][column][s] - base["per_seed"][column][s]) for s in seeds]
+            mean, std = _mean_std(d)
+            diffs[column] = {"mean": mean, "std": std, "wins": sum(v > 0 for v in d), "seeds": len(d)}
+        out["by_checkpoint"][kind] = diffs
+    out["verdict"] = _verdict(out, cmp, cells, spec)
+    return out
+
+
+def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], spec: TableSpec) -> str:
+    """Rules, fixed before any run: a gain must hold in every seed (paired), natural accuracy may drop at
+    most 1 point on average; for overfitting, `ours` must have no CO flag where `base` has some."""
+    best = result["by_checkpoint"].get("best") or next(iter(result["by_checkpoint"].values()))
+    rob, nat = best[result["robust_column"]], best.get("natural", {})
+    if not rob["seeds"]:
+        return "not measured yet"
+    if cmp.kind == "overfitting":
+        co_base = sum(bool(r["co_epochs"]) for r in cells.get(cmp.base, {}).values())
+        co_ours = sum(bool(r["co_epochs"]) for r in cells.get(cmp.ours, {}).values())
+        n = len(cells.get(cmp.ours, {}))
+        if co_base == 0:
+            return f"untested: {cmp.base} did not overfit catastrophically in any seed here"
+        holds = co_ours == 0
+        cost = [r["epoch_seconds"] for r in cells[cmp.ours].values()], [r["epoch_seconds"] for r in cells[cmp.base].values()]
+        ratio = (sum(cost[0]) / len(cost[0])) / (sum(cost[1]) / len(cost[1]))
+        return (f"{'holds' if holds else 'does not hold'}: catastrophic overfitting in {co_base}/{len(cells[cmp.base])} "
+                f"seeds of {cmp.base}, {co_ours}/{n} of {cmp.ours}; time per epoch {ratio:.2f}x {cmp.base}'s")
+    gain = rob["mean"] > 0 and rob["wins"] == rob["seeds"]
+    kept = nat.get("mean") is None or nat["mean"] >= -1.0
+    word = "holds" if gain and kept else "mixed" if rob["mean"] > 0 else "does not hold"
+    return (f"{word}: {result['robust_column']} {rob['mean']:+.2f} points (higher in {rob['wins']}/{rob['seeds']} "
+            f"seeds), natural {nat.get('mean', float('nan')):+.2f} points, best checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _fmt(ms: tuple[Optional[float], Optional[float]], n: int) -> str:
+    mean, std = ms
+    if mean is None:
+        return "-"
+    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+
+
+def _protocol_lines(table: dict[str, Any]) -> list[str]:
+    from ..tables import protocol_text
+
+    p = table["protocol"]
+    if not p:
+        return []
+    lines = [f"- test data: {p['data']['name']} ({p['data'].get('source', '')}); examples in the data set's fixed "
+             f"order; threat model {p['threat']['norm']} eps {fmt_eps(p['threat']['eps'])}"]
+    lines += [f"- {name} (first {c['n']} test examples): {protocol_text(c['protocol'])}"
+              for name, c in p["columns"].items()]
+    return lines
+
+
+def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> str:
+    cols = table["columns"]
+    lines = [f"### {table['title']}", "", f"Regenerate: `{command}`", ""]
+    if not table["complete"]:
+        lines += [f"**Incomplete**: no finished run for {', '.join(table['missing'])}.", ""]
+    lines += ["Accuracy (%) on the test examples, mean ± sample standard deviation over seeds; "
+              "`best` = epoch with the best PGD-10 accuracy on the held-out validation split, `last` = final epoch.", ""]
+    head = ["cell", "ckpt", "seeds", *cols, "s/epoch", "CO epochs (per seed)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table["rows"]:
+        n = len(r["seeds"])
+        co = "; ".join(f"s{s}: {','.join(map(str, e)) or '-'}" for s, e in sorted(r["co"].items()))
+        epochs = f" (ep {','.join(map(str, r['epochs']))})" if r["checkpoint"] == "best" and r["epochs"] else ""
+        lines.append("| " + " | ".join([r["cell"], r["checkpoint"] + epochs, str(n),
+                                        *[_fmt(r["acc"][c], n) for c in cols],
+                                        _fmt(r["epoch_seconds"], n), co]) + " |")
+    lines += ["", "CO epochs: the epochs that the catastrophic-overfitting rule of `iat.monitor` (`co_rule`) flags "
+              "on each run's recorded validation curves (PGD-10 against FGSM accuracy per epoch)."]
+    if table["claims"]:
+        lines += ["", "Claims, paired by seed (ours − base, points; best checkpoints decide the verdict):", ""]
+        lines += ["| claim | ours vs base | ckpt | " + " | ".join(cols) + " | verdict |",
+                  "|" + "---|" * (len(cols) + 4)]
+        for c in table["claims"]:
+            for kind, diffs in c["by_checkpoint"].items():
+                cells = [f"{d['mean']:+.1f} ({d['wins']}/{d['seeds']})" if d["mean"] is not None else "-"
+                         for d in (diffs[col] for col in cols)]
+                verdict = c["verdict"] if kind == next(iter(c["by_checkpoint"])) else ""
+                lines.append(f"| {c['claim']} | {c['ours']} vs {c['base']} | {kind} | " + " | ".join(cells)
+                             + f" | {verdict} |")
+        lines += ["", "(k/n): ours higher than base in k of n seeds."]
+    lines += ["", "Protocol:", *_protocol_lines(table)]
+    if curves:
+        lines += ["", f"![validation curves]({curves})"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["table", "cell", "checkpoint", "seed", *table["columns"]])
+    for r in table["rows"]:
+        for s in r["seeds"]:
+            w.writerow([table["table"], r["cell"], r["checkpoint"], s,
+                        *[r["per_seed"][c].get(s, "") for c in table["columns"]]])
+    return buf.getvalue()
+
+
+def paste_into(doc: Path, name: str, markdown: str) -> None:
+    """Replace the table's generated block in `doc` (append it when the markers are not there yet)."""
+    text = doc.read_text() if doc.is_file() else ""
+    begin, end = BEGIN.format(name), END.format(name)
+    block = f"{begin}\n{markdown}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    atomic_write_text(doc, text)
+
+
+def write_table(spec: TableSpec, out: Path, results_md: Optional[Path], command: str, plots: bool = True) -> dict:
+    table = build_table(spec, out)
+    curves_name = None
+    if plots and table["curves"]:
+        from ..plots import plot_seed_curves
+
+        plot_seed_curves(table["curves"], out / "curves.png", title=spec.title)
+        curves_name = "curves.png"
+    atomic_write_text(out / "table.md", to_markdown(table, curves_name, command))
+    atomic_write_text(out / "table.csv", to_csv(table))
+    atomic_write_text(out / "table.json", json.dumps({k: v for k, v in table.items() if k != "curves"}, indent=1))
+    if results_md is not None:
+        image = None
+        if curves_name:
+            image_path = results_md.parent / "results" / f"{spec.name}-curves.png"
+            image_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(image_path, (out / "curves.png").read_bytes())
+            image = os.path.relpath(image_path, results_md.parent)
+        paste_into(results_md, spec.name, to_markdown(table, image, command))
+    return table

@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--step-size", default="0.025")
     p.add_argument("--steps", default="5")
     p.add_argument("--epochs", default="2")
-    p.add_argument("--val-size", default="54000", help="held out of training (6,000 Fashion-MNIST images train)")
+    p.add_argument("--val-size", default="58000", help="held out of training (2,000 Fashion-MNIST images train)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
     p.add_argument("--n-examples", default="1000")
     p.add_argument("--device", default="cpu")

@@ -1,6 +1,11 @@
 """`iat reproduce`: every cell is an ordinary run directory; finished work is skipped, interrupted training
 is resumed, the table is computed from the runs' own files, and a spec that disagrees with a run stops."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +215,34 @@ def test_paste_into_replaces_only_its_block(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\n\nintro\n") and "second" in text and "first" not in text
     assert text.index("second") < text.index("other") and text.count("iat reproduce t1: begin") == 1
+
+
+def _running(text: str) -> list[int]:
+    """Live (not zombie) processes whose command line mentions text (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace") \
+                    and "\nState:\tZ" not in (proc / "status").read_text():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_sigterm_stops_the_runner_and_its_iat_children(spec_file, tmp_path):
+    out = tmp_path / "table"
+    spec_file.write_text(SPEC.replace("epochs = 2", "epochs = 500"))  # minutes of training: it must be cut short
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen([sys.executable, "-m", "iat", "reproduce", str(spec_file), "--out", str(out),
+                               "--no-plots"], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    while not [p for p in _running(str(out)) if p != runner.pid]:  # an `iat train` child has started
+        assert runner.poll() is None and time.monotonic() < deadline, runner.stderr.read()
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=30) == 130 and "interrupted" in runner.stderr.read()
+    time.sleep(0.5)
+    assert _running(str(out)) == []  # no orphaned training keeps writing into the cell
+    assert not (out / "table.json").exists()

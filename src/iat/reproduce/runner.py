@@ -8,8 +8,10 @@ import json
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -124,38 +126,113 @@ def _copy_if_same(run: Path, step: Step) -> None:
     atomic_write_text(step.copy_to, json.dumps(result, indent=1))
 
 
-def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
+class Children:
+    """The `iat` subprocesses running now. Interrupting the runner (Ctrl-C, or SIGTERM from a scheduler)
+    stops them all and starts no more, so no orphaned training keeps writing into a cell."""
+
+    def __init__(self) -> None:
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def run(self, argv: list[str], log: Any, env: dict[str, str]) -> int:
+        with self.lock:
+            if self.stopping.is_set():
+                return -signal.SIGTERM
+            proc = subprocess.Popen([sys.executable, "-m", "iat", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env)
+            self.live.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping.set()
+            for proc in self.live:
+                proc.terminate()
+
+
+def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int, children: Children,
               gpus: Optional[queue.Queue] = None) -> tuple[str, float, str]:
     """Run a cell's steps, each logged to OUT/logs; returns (cell id, seconds, error or '').
     With `gpus`, the cell takes one GPU id from the queue for all its steps and gives it back."""
     gpu = gpus.get() if gpus is not None else None
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    t0 = time.perf_counter()
     try:
-        return _run_steps(out, ident, run, steps, threads, gpu)
+        for step in steps:
+            if step.done and eval_done(run, *step.done):
+                continue  # the best checkpoint is the last one, whose eval was just copied
+            log = out / "logs" / f"{ident.replace('/', '-')}-{step.log}.log"
+            with log.open("a") as f:
+                f.write(f"$ iat {shlex.join(step.argv)}\n")
+                f.flush()
+                code = children.run(step.argv, f, env)
+            if code != 0:
+                tail = [line for line in log.read_text().splitlines() if line.strip()][-1:]
+                return ident, time.perf_counter() - t0, f"`iat {step.argv[0]}` exited {code}: {' '.join(tail)} (log: {log})"
+            _copy_if_same(run, step)
+        return ident, time.perf_counter() - t0, ""
     finally:
         if gpus is not None:
             gpus.put(gpu)
 
 
-def _run_steps(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
-               gpu: Optional[str]) -> tuple[str, float, str]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    t0 = time.perf_counter()
-    for step in steps:
-        if step.done and eval_done(run, *step.done):
-            continue  # the best checkpoint is the last one, whose eval was just copied
-        log = out / "logs" / f"{ident.replace('/', '-')}-{step.log}.log"
-        with log.open("a") as f:
-            f.write(f"$ iat {shlex.join(step.argv)}\n")
-            f.flush()
-            code = subprocess.call([sys.executable, "-m", "iat", *step.argv], stdout=f, stderr=subprocess.STDOUT,
-                                   env=env)
-        if code != 0:
-            tail = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-            return ident, time.perf_counter() - t0, f"`iat {step.argv[0]}` exited {code}: {' '.join(tail)} (log: {log})"
-        _copy_if_same(run, step)
-    return ident, time.perf_counter() - t0, ""
+def _plan(spec: TableSpec, out: Path, late: bool) -> list[tuple[str, Path, C.TrainConfig, str, list[Step]]]:
+    plan = []
+    for cell in spec.cells:
+        for seed in spec.seeds:
+            cfg = spec.train_config(cell, seed)
+            run = run_dir(out, cell, seed)
+            state = train_state(run, cfg)
+            if late and state != "done":
+                continue  # its training failed in the early phase (reported there)
+            steps = plan_steps(spec, out, cell, seed, state, late)
+            if steps:
+                plan.append((f"{cell.name}/seed{seed}", run, cfg, state, steps))
+    return plan
+
+
+def _execute(plan: list, out: Path, phase: str, jobs: int, threads: int, gpus: Optional[list[str]]) -> list[str]:
+    """Run the planned cells, `jobs` at a time; on Ctrl-C or SIGTERM stop every child and re-raise."""
+    from tqdm import tqdm
+
+    children, failures = Children(), []
+    free: Optional[queue.Queue] = None
+    if gpus:
+        free = queue.Queue()
+        for gpu in gpus:
+            free.put(gpu)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    try:
+        with futures.ThreadPoolExecutor(max_workers=jobs) as pool, \
+                tqdm(total=len(plan), desc=phase, unit="cell") as bar:
+            try:
+                pending = [pool.submit(_run_cell, out, ident, run, steps, threads, children, free)
+                           for ident, run, _, _, steps in plan]
+                for job in futures.as_completed(pending):
+                    ident, seconds, error = job.result()
+                    bar.update()
+                    bar.write(f"{ident}: {'FAILED ' + error if error else 'done'} ({seconds / 60:.1f} min)")
+                    if error:
+                        failures.append(f"{ident}: {error}")
+            except BaseException:
+                children.stop()
+                raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    return failures
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] = None,
@@ -165,17 +242,7 @@ def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] 
     failures: list[str] = []
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     for late in (False, True):
-        plan = []
-        for cell in spec.cells:
-            for seed in spec.seeds:
-                cfg = spec.train_config(cell, seed)
-                run = run_dir(out, cell, seed)
-                state = train_state(run, cfg)
-                if late and state != "done":
-                    continue  # its training failed in the early phase (reported there)
-                steps = plan_steps(spec, out, cell, seed, state, late)
-                if steps:
-                    plan.append((f"{cell.name}/seed{seed}", run, cfg, state, steps))
+        plan = _plan(spec, out, late)
         phase = "late evaluations" if late else "training and evaluation"
         print(f"iat reproduce {spec.name} ({phase}): {len(plan)} of {len(spec.cells) * len(spec.seeds)} cells "
               f"have work in {out}", file=sys.stderr)
@@ -187,24 +254,7 @@ def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] 
         (out / "configs").mkdir(parents=True, exist_ok=True)
         (out / "logs").mkdir(exist_ok=True)
         for ident, run, cfg, state, _ in plan:
-            cfg_file = out / "configs" / f"{ident.replace('/', '-')}.json"
             if state == "new":
-                atomic_write_text(cfg_file, json.dumps(C.to_dict(cfg), indent=1))
-        from tqdm import tqdm
-
-        with futures.ThreadPoolExecutor(max_workers=jobs) as pool, \
-                tqdm(total=len(plan), desc=phase, unit="cell") as bar:
-            free = None
-            if gpus:
-                free = queue.Queue()
-                for gpu in gpus:
-                    free.put(gpu)
-            pending = [pool.submit(_run_cell, out, ident, run, steps, threads, free)
-                       for ident, run, _, _, steps in plan]
-            for job in futures.as_completed(pending):
-                ident, seconds, error = job.result()
-                bar.update()
-                bar.write(f"{ident}: {'FAILED ' + error if error else 'done'} ({seconds / 60:.1f} min)")
-                if error:
-                    failures.append(f"{ident}: {error}")
+                atomic_write_text(out / "configs" / f"{ident.replace('/', '-')}.json", json.dumps(C.to_dict(cfg), indent=1))
+        failures += _execute(plan, out, phase, jobs, threads, gpus)
     return failures

@@ -3,6 +3,7 @@
 # directories without checkpoints in docs/results/runs/, and paste the tables into docs/results.md.
 #   scripts/results.sh                      # all three tables, 2 cells at a time (hours on 2 cores)
 #   RUNS=/big/disk scripts/results.sh c3-cifar10-jpeg
+#   EXPORT_ONLY=1 scripts/results.sh        # no training: copy what is finished in $RUNS, rebuild the tables
 #   TABLE_ONLY=1 scripts/results.sh         # no training: rebuild the tables from docs/results/runs/
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ runs=${RUNS:-runs/reproduce}
 iat=${IAT:-.venv/bin/iat}
 for t in "${tables[@]}"; do
   if [ -z "${TABLE_ONLY:-}" ]; then
-    "$iat" reproduce "$t" --out "$runs/$t" --jobs "${JOBS:-2}" --threads 1
+    [ -z "${EXPORT_ONLY:-}" ] && "$iat" reproduce "$t" --out "$runs/$t" --jobs "${JOBS:-2}" --threads 1
     mkdir -p "docs/results/runs/$t"
     # everything but the weights: config.json, metrics.jsonl, eval-*.json (per-example outcomes), logs
     (cd "$runs/$t" && find . -path '*/checkpoints' -prune -o -type f \( -name '*.json' -o -name '*.jsonl' \

@@ -202,8 +202,10 @@ def _result(base: list[float], ours: list[float], nat: list[float]) -> dict:
     ([40, 41, 42], [39, 41, 41], [0.0, 0.0, 0.0], "does not hold"),
 ])
 def test_verdict_rules(base, ours, nat, word):
-    verdict = table._verdict(_result(base, ours, nat), specs.Compare("C1", "a", "b"), {}, None)
+    verdict = table._verdict(_result(base, ours, nat), specs.Compare("C1", "a", "b"), {}, 3)
     assert verdict.split(":")[0] == word
+    early = table._verdict(_result(base, ours, nat), specs.Compare("C1", "a", "b"), {}, 5)
+    assert early.startswith("no verdict yet: 3 of 5 seeds")  # a table still running claims nothing
 
 
 def test_paste_into_replaces_only_its_block(tmp_path):

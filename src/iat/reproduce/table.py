@@ -119,17 +119,20 @@ def compare_cells(cmp: Compare, rows: list[dict[str, Any]], cells: dict[str, Any
             mean, std = _mean_std(d)
             diffs[column] = {"mean": mean, "std": std, "wins": sum(v > 0 for v in d), "seeds": len(d)}
         out["by_checkpoint"][kind] = diffs
-    out["verdict"] = _verdict(out, cmp, cells, spec)
+    out["verdict"] = _verdict(out, cmp, cells, len(spec.seeds))
     return out
 
 
-def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], spec: TableSpec) -> str:
+def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], n_seeds: int) -> str:
     """Rules, fixed before any run: a gain must hold in every seed (paired), natural accuracy may drop at
-    most 1 point on average; for overfitting, `ours` must have no CO flag where `base` has some."""
+    most 1 point on average; for overfitting, `ours` must have no CO flag where `base` has some. No
+    verdict until both cells have every seed of the table."""
     best = result["by_checkpoint"].get("best") or next(iter(result["by_checkpoint"].values()))
     rob, nat = best[result["robust_column"]], best.get("natural", {})
     if not rob["seeds"]:
         return "not measured yet"
+    if rob["seeds"] < n_seeds:
+        return f"no verdict yet: {rob['seeds']} of {n_seeds} seeds finished in both cells"
     if cmp.kind == "overfitting":
         co_base = sum(bool(r["co_epochs"]) for r in cells.get(cmp.base, {}).values())
         co_ours = sum(bool(r["co_epochs"]) for r in cells.get(cmp.ours, {}).values())
@@ -140,7 +143,8 @@ def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], spec: 
         cost = [r["epoch_seconds"] for r in cells[cmp.ours].values()], [r["epoch_seconds"] for r in cells[cmp.base].values()]
         ratio = (sum(cost[0]) / len(cost[0])) / (sum(cost[1]) / len(cost[1]))
         return (f"{'holds' if holds else 'does not hold'}: catastrophic overfitting in {co_base}/{len(cells[cmp.base])} "
-                f"seeds of {cmp.base}, {co_ours}/{n} of {cmp.ours}; time per epoch {ratio:.2f}x {cmp.base}'s")
+                f"seeds of {cmp.base}, {co_ours}/{n} of {cmp.ours}; wall time per epoch {ratio:.2f}x {cmp.base}'s "
+                "(shared machine)")
     gain = rob["mean"] > 0 and rob["wins"] == rob["seeds"]
     kept = nat.get("mean") is None or nat["mean"] >= -1.0
     word = "holds" if gain and kept else "mixed" if rob["mean"] > 0 else "does not hold"

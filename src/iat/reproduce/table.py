@@ -163,6 +163,12 @@ def _fmt(ms: tuple[Optional[float], Optional[float]], n: int) -> str:
     return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
 
 
+def _partial(row: dict[str, Any], column: str) -> str:
+    """Marks a column measured on fewer seeds than the row (e.g. AutoAttack still running)."""
+    k = len(row["per_seed"][column])
+    return f" ({k} of {len(row['seeds'])} seeds)" if 0 < k < len(row["seeds"]) else ""
+
+
 def _protocol_lines(table: dict[str, Any]) -> list[str]:
     from ..tables import protocol_text
 
@@ -190,7 +196,7 @@ def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> s
         co = "; ".join(f"s{s}: {','.join(map(str, e)) or '-'}" for s, e in sorted(r["co"].items()))
         epochs = f" (ep {','.join(map(str, r['epochs']))})" if r["checkpoint"] == "best" and r["epochs"] else ""
         lines.append("| " + " | ".join([r["cell"], r["checkpoint"] + epochs, str(n),
-                                        *[_fmt(r["acc"][c], n) for c in cols],
+                                        *[_fmt(r["acc"][c], len(r["per_seed"][c])) + _partial(r, c) for c in cols],
                                         _fmt(r["epoch_seconds"], n), co]) + " |")
     lines += ["", "CO epochs: the epochs that the catastrophic-overfitting rule of `iat.monitor` (`co_rule`) flags "
               "on each run's recorded validation curves (PGD-10 against FGSM accuracy per epoch)."]

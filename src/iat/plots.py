@@ -75,15 +75,20 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: 
             ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=f"C{i}", label=label, markersize=3)
             if best in xs:
                 ax.plot([best], [ys[xs.index(best)]], "*", color=f"C{i}", markersize=12)
+    _epoch_axes(axes, [title for title, _ in panels], legend_size=8)
+    return _save(fig, path)
+
+
+def _epoch_axes(axes: Sequence[Any], titles: Sequence[str], legend_size: int) -> None:
+    """Integer epoch ticks, titles, a light grid and the legend on the first panel."""
     from matplotlib.ticker import MaxNLocator
 
-    for ax, (title, _) in zip(axes, panels):
+    for ax, title in zip(axes, titles):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    axes[0].legend(fontsize=legend_size)
 
 
 def _value(get: Any, record: Mapping[str, Any]) -> float | None:
@@ -116,14 +121,7 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]
             if len(seeds) > 1:
                 ax.fill_between(xs, [min(by_epoch[e]) for e in xs], [max(by_epoch[e]) for e in xs],
                                 color=f"C{i}", alpha=0.15, linewidth=0)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax, (label, _) in zip(axes, panels):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _epoch_axes(axes, [label for label, _ in panels], legend_size=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -218,3 +218,35 @@ def test_gpu_batches_equal_cpu_batches():
     for (xc, yc), (xg, yg) in zip(collect(BatchLoader(split, 16, **kw), 0),
                                   collect(BatchLoader(split, 16, device="cuda", **kw), 0), strict=True):
         assert xg.is_cuda and torch.equal(xc, xg.cpu()) and torch.equal(yc, yg.cpu())
+
+
+def test_class_coverage_check_flags_a_class_ordered_subset():
+    from iat.sanity import check_class_coverage
+
+    y = torch.arange(1000) % 10
+    assert check_class_coverage(y[:200], y).status == "pass"
+    ordered = y.sort().values  # 100 of class 0, then 100 of class 1, ...
+    warn = check_class_coverage(ordered[:200], ordered, "validation")
+    assert warn.status == "warn" and warn.details["missing"] == list(range(2, 10))
+    assert "2 of the 10 classes" in warn.message and "ordered by class" in warn.message
+    # 12 examples may miss a class by chance (p ~ 3): no warning
+    assert check_class_coverage(ordered[:12], ordered).status == "skip"
+
+
+def test_trainer_warns_when_validation_examples_miss_classes(tmp_path):
+    from iat import config as C
+    from iat.train import Trainer
+
+    split = make_split(n=400, num_classes=4)
+    ordered = Split(split.x, split.y.sort().values)  # a custom source ordered by class
+    cfg = C.TrainConfig(method="pgd-at", model="cnn", device="cpu", progress=False)
+    cfg.data = C.DataConfig(name="custom", val_size=200)
+    cfg.optim = C.OptimConfig(epochs=1, batch_size=32)
+    cfg.val = C.ValConfig(n_examples=50)
+    with pytest.warns(UserWarning, match=r"50 validation examples hold only [123] of the 4 classes"):
+        Trainer(cfg, tmp_path / "ordered", make_bundle("custom", ordered, ordered, list("abcd"), "test"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same data in mixed order: silent
+        Trainer(cfg, tmp_path / "mixed", make_bundle("custom", split, split, list("abcd"), "test"))

@@ -52,7 +52,8 @@ def test_eval_writes_json_csv_markdown_checks_and_sweep(runs, capsys):
     assert rows["worst case"]["correct"] <= min(r["correct"] for r in rows.values())
     checks = {c["name"]: c for c in result["sanity"]}
     assert {"robust_le_natural", "more_effort_not_better", "zero_gradients", "randomised_outputs",
-            "eps_sweep_decreasing", "eps_sweep_reaches_zero"} <= set(checks)
+            "eps_sweep_decreasing", "eps_sweep_reaches_zero", "class_coverage"} <= set(checks)
+    assert checks["class_coverage"]["status"] in ("pass", "skip")  # synthetic test split: classes mixed
     assert all(c["status"] in ("pass", "warn", "skip") and c["message"] for c in checks.values())
     # the sweep of a trained model falls with eps and reaches 0 at the full range
     points = result["eps_sweep"]["points"]

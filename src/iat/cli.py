@@ -10,6 +10,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -272,12 +273,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(message: Any, *_: Any, **__: Any) -> None:
+    print(f"iat: warning: {message}", file=sys.stderr)  # one line, without the source line Python adds
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "reproduce": cmd_reproduce,
                 "list": cmd_list, "data": cmd_data}
     try:
-        return commands[args.command](args)
+        with warnings.catch_warnings():  # restores the global hook when main returns (tests call main())
+            warnings.showwarning = _show_warning
+            return commands[args.command](args)
     except UsageError as err:
         if args.debug:
             raise

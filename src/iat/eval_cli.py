@@ -23,7 +23,7 @@ from .evaluate import pack_flags, robust_accuracy
 from .registry import UsageError
 from .runs import checkpoint_path, is_pickle, load_model, load_model_file
 from .runtime import resolve_device
-from .sanity import check_eps_sweep, default_sweep, eps_sweep, run_checks
+from .sanity import check_class_coverage, check_eps_sweep, default_sweep, eps_sweep, run_checks
 from .tables import format_checks, format_table, to_csv, to_markdown
 from .units import parse_number
 
@@ -156,6 +156,7 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> dict[str, Any]:
     acc = robust_accuracy(model, x, y, attacks, batch_size=cfg.batch_size, progress=cfg.progress, desc="eval",
                           worst_case_only=cfg.worst_case_only, generator=torch.Generator().manual_seed(cfg.seed))
     checks = [c.to_dict() for c in run_checks(model, x, y, attacks, acc, batch_size=cfg.batch_size)]
+    checks.append(check_class_coverage(y, test.y, "test").to_dict())
     sweep = None
     if sweep_eps:
         points = eps_sweep(model, x, y, sweep_eps, attack=cfg.sweep_attack, norm=norm, batch_size=cfg.batch_size,

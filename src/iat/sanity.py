@@ -50,6 +50,28 @@ def check_robust_vs_natural(acc: Accuracy) -> Check:
                  "and the worst case at most every attack", details)
 
 
+def check_class_coverage(y: torch.Tensor, y_split: torch.Tensor, what: str = "evaluated") -> Check:
+    """The first examples of a split must not miss classes the split holds: a split ordered by class gives a
+    one-class subset, whose accuracy describes that class only. Warns only where a random subset of the
+    same size would almost surely (p > 0.99) cover every class."""
+    name = "class_coverage"
+    classes, counts = torch.unique(y_split, return_counts=True)
+    seen = set(torch.unique(y).tolist())
+    missing = [int(c) for c in classes.tolist() if c not in seen]
+    details = {"n": len(y), "classes": len(classes), "missing": missing}
+    if not missing:
+        return Check(name, "pass", f"the {len(y)} {what} examples cover all {len(classes)} classes", details)
+    # chance that a random subset of len(y) misses a class with share p: about (1 - p)^n; union bound
+    shares = counts.double() / len(y_split)
+    p_miss = float(((1 - shares) ** len(y)).sum())
+    if p_miss > 0.01:
+        return Check(name, "skip", f"the {len(y)} {what} examples miss {len(missing)} of {len(classes)} classes, "
+                     "which a random subset of that size may also do", details)
+    return Check(name, "warn", f"the {len(y)} {what} examples hold only {len(classes) - len(missing)} of the "
+                 f"{len(classes)} classes of the split: the data are probably ordered by class, so their accuracy "
+                 "describes a few classes; shuffle the data source or use more examples", details)
+
+
 def _comparable(a: PGD) -> tuple:
     return (a.eps, a.norm, str(a.loss), a.step_size, a.descent, a.random_start, a.init_scale, a.project, a.bn_mode)
 

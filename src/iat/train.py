@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -29,6 +30,7 @@ from .models import create_model
 from .registry import UsageError
 from .runs import model_spec_for
 from .runtime import resolve_device, rng_state, seed_everything, set_rng_state
+from .sanity import check_class_coverage
 
 SCHEDULES = ("piecewise", "cosine", "cyclic", "constant")
 
@@ -138,6 +140,11 @@ class Trainer:
         seed_everything(cfg.seed)
         self.bundle = bundle or load_dataset(cfg.data.name, cfg.data.root, download=cfg.data.download)
         self.train_split, self.val_split = train_val_split(self.bundle.train, cfg.data.val_size, cfg.seed)
+        n_val = min(cfg.val.n_examples, len(self.val_split))
+        if n_val:  # validation uses the first n_val held-out examples: they should cover every class
+            coverage = check_class_coverage(self.val_split.y[:n_val], self.bundle.train.y, "validation")
+            if coverage.status == "warn":
+                warnings.warn(coverage.message, stacklevel=2)
         self.loader = self._loader()
         self.spec = model_spec(cfg, self.bundle)
         self.model = create_model(cfg.model, **{k: v for k, v in self.spec.items() if k != "name"}).to(self.device)

@@ -1,6 +1,8 @@
 """Core data API: containers, registry entry points, synthetic data, train/val split and BatchLoader."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -245,8 +247,6 @@ def test_trainer_warns_when_validation_examples_miss_classes(tmp_path):
     cfg.val = C.ValConfig(n_examples=50)
     with pytest.warns(UserWarning, match=r"50 validation examples hold only [123] of the 4 classes"):
         Trainer(cfg, tmp_path / "ordered", make_bundle("custom", ordered, ordered, list("abcd"), "test"))
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same data in mixed order: silent
         Trainer(cfg, tmp_path / "mixed", make_bundle("custom", split, split, list("abcd"), "test"))

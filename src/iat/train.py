@@ -141,7 +141,7 @@ class Trainer:
         self.bundle = bundle or load_dataset(cfg.data.name, cfg.data.root, download=cfg.data.download)
         self.train_split, self.val_split = train_val_split(self.bundle.train, cfg.data.val_size, cfg.seed)
         n_val = min(cfg.val.n_examples, len(self.val_split))
-        if n_val:  # validation uses the first n_val held-out examples: they should cover every class
+        if n_val and self.dist.is_main:  # validation scores the first n_val held-out examples: every class?
             coverage = check_class_coverage(self.val_split.y[:n_val], self.bundle.train.y, "validation")
             if coverage.status == "warn":
                 warnings.warn(coverage.message, stacklevel=2)

@@ -140,8 +140,9 @@ def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], n_seed
         if co_base == 0:
             return f"untested: {cmp.base} did not overfit catastrophically in any seed here"
         holds = co_ours == 0
-        cost = [r["epoch_seconds"] for r in cells[cmp.ours].values()], [r["epoch_seconds"] for r in cells[cmp.base].values()]
-        ratio = (sum(cost[0]) / len(cost[0])) / (sum(cost[1]) / len(cost[1]))
+        seconds = {name: _mean_std([r["epoch_seconds"] for r in cells[name].values()])[0]
+                   for name in (cmp.ours, cmp.base)}
+        ratio = seconds[cmp.ours] / seconds[cmp.base]
         return (f"{'holds' if holds else 'does not hold'}: catastrophic overfitting in {co_base}/{len(cells[cmp.base])} "
                 f"seeds of {cmp.base}, {co_ours}/{n} of {cmp.ours}; wall time per epoch {ratio:.2f}x {cmp.base}'s "
                 "(shared machine)")

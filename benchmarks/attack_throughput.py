@@ -25,7 +25,7 @@ import torch
 from common import environment, make_trainer, median, timed, write
 
 from iat.attacks import PGD
-from iat.units import parse_number
+from iat.values import parse_number
 
 
 def load_torchattacks_pgd() -> tuple[Optional[type], str]:

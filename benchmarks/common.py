@@ -64,7 +64,7 @@ def make_trainer(method: str, model: str, batch_size: int, out: Path, device: st
     """A real Trainer (the code path `iat train` runs) on synthetic 3x32x32 data."""
     from iat import config as C
     from iat.data import load_dataset
-    from iat.train import Trainer
+    from iat.training.trainer import Trainer
 
     cfg = C.TrainConfig(method=method, model=model, device=device, progress=False)
     cfg.data = C.DataConfig(name="synthetic", val_size=batch_size)

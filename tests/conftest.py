@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # one thread per test process: on 2 shared cores 2 threads made the suite ~4x slower
 
 
 @pytest.fixture

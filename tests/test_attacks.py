@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from iat.attacks import ATTACKS, PGD, create_attack
-from iat.registry import UsageError
+from iat.errors import UsageError
 
 PGD_PRESETS = [n for n in ATTACKS.names() if n != "natural"]
 

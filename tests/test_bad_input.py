@@ -15,14 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from iat.checkpoint import load_checkpoint, save_checkpoint
+from iat.training.checkpoint import load_checkpoint, save_checkpoint
 from iat.cli import main
 from iat.data import load_dataset
 from iat.data import mnist as mnist_mod
 from iat.data.idx import write_idx
 from iat.models import create_model
-from iat.registry import UsageError
-from iat.runs import load_model_file
+from iat.errors import UsageError
+from iat.evaluation.loading import load_model_file
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 FAST = ["--method", "standard", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--batch-size", "64",

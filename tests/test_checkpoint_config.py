@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from iat import config as C
-from iat.checkpoint import load_checkpoint, save_checkpoint
-from iat.registry import UsageError
+from iat.training.checkpoint import load_checkpoint, save_checkpoint
+from iat.errors import UsageError
 
 
 def test_round_trip_keeps_types(tmp_path):
@@ -54,7 +54,7 @@ def test_config_update_and_errors(tmp_path):
 
 
 def test_schedules():
-    from iat.train import lr_factor
+    from iat.training.trainer import lr_factor
 
     o = C.OptimConfig(schedule="piecewise", milestones=(0.5, 0.75))
     f = lr_factor(o, 100)

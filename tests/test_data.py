@@ -20,7 +20,7 @@ from iat.data import (
 )
 from iat.data.core import make_bundle
 from iat.data.loader import crop_flip
-from iat.registry import UsageError
+from iat.errors import UsageError
 
 
 def make_split(n: int = 40, channels: int = 3, size: int = 8, num_classes: int = 4) -> Split:
@@ -223,7 +223,7 @@ def test_gpu_batches_equal_cpu_batches():
 
 
 def test_class_coverage_check_flags_a_class_ordered_subset():
-    from iat.sanity import check_class_coverage
+    from iat.evaluation.sanity import check_class_coverage
 
     y = torch.arange(1000) % 10
     assert check_class_coverage(y[:200], y).status == "pass"
@@ -237,7 +237,7 @@ def test_class_coverage_check_flags_a_class_ordered_subset():
 
 def test_trainer_warns_when_validation_examples_miss_classes(tmp_path):
     from iat import config as C
-    from iat.train import Trainer
+    from iat.training.trainer import Trainer
 
     split = make_split(n=400, num_classes=4)
     ordered = Split(split.x, split.y.sort().values)  # a custom source ordered by class

@@ -19,7 +19,7 @@ from iat.data import cifar10_jpeg as jpeg_mod
 from iat.data import fetch_dataset, load_dataset
 from iat.data import imagefolder as imagefolder_mod
 from iat.data.files import safe_extract
-from iat.registry import UsageError
+from iat.errors import UsageError
 
 CLASSES = cifar_mod.CIFAR10_CLASSES
 

@@ -17,7 +17,7 @@ from iat.data import mnist as mnist_mod
 from iat.data.files import MARKER
 from iat.data.idx import read_idx, write_idx
 from iat.data.safe_pickle import safe_loads
-from iat.registry import UsageError
+from iat.errors import UsageError
 
 STEMS = mnist_mod.STEMS
 

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from iat import config as C
-from iat.checkpoint import load_checkpoint
+from iat.training.checkpoint import load_checkpoint
 from iat.data import load_dataset
-from iat.train import Trainer
+from iat.training.trainer import Trainer
 
 METHODS = ("standard", "pgd-at", "uiat-fgsm")
 
@@ -95,10 +95,10 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path):
 
 
 def test_global_batch_must_split_evenly(monkeypatch, tmp_path):
-    from iat.distributed import DistInfo
-    from iat.registry import UsageError
+    from iat.training.distributed import DistInfo
+    from iat.errors import UsageError
 
-    monkeypatch.setattr("iat.distributed.setup", lambda device: (DistInfo(0, 3, 0), device))
+    monkeypatch.setattr("iat.training.distributed.setup", lambda device: (DistInfo(0, 3, 0), device))
     with pytest.raises(UsageError, match="divisible"):
         Trainer(make_cfg("standard"), tmp_path, bundle())
 
@@ -127,16 +127,13 @@ def test_torchrun_cli_overwrites_and_resumes_a_run(tmp_path):
 def test_sharded_random_starts_are_slices_of_the_global_batch(norm):
     """Rank r of W draws rows [r*B, (r+1)*B) of the start one process of batch W*B draws."""
     from iat.attacks import PGD
-    from iat.distributed import _NOISE_SHARD
+    from iat.attacks.engine import noise_of_global_batch
 
     x = torch.rand(8, 1, 6, 6, generator=torch.Generator().manual_seed(0))
     attack = PGD(eps=0.1 if norm == "linf" else 0.5, norm=norm)
     whole = attack.init_delta(x, torch.Generator().manual_seed(1))
     parts = []
     for rank in range(2):
-        token = _NOISE_SHARD.set((rank, 2))
-        try:
+        with noise_of_global_batch(rank, 2):
             parts.append(attack.init_delta(x[4 * rank:4 * rank + 4], torch.Generator().manual_seed(1)))
-        finally:
-            _NOISE_SHARD.reset(token)
     assert torch.equal(torch.cat(parts), whole)

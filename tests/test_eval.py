@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from iat.attacks import PGD, Natural, create_attack
-from iat.evaluate import (Accuracy, AttackVerificationError, aggregate, pack_flags, robust_accuracy, unpack_flags,
+from iat.evaluation.accuracy import (Accuracy, AttackVerificationError, aggregate, pack_flags, robust_accuracy, unpack_flags,
                           verify_adversarial)
-from iat.registry import UsageError
-from iat.sanity import (check_eps_sweep, check_more_effort, check_randomised, check_robust_vs_natural,
+from iat.errors import UsageError
+from iat.evaluation.sanity import (check_eps_sweep, check_more_effort, check_randomised, check_robust_vs_natural,
                         check_zero_gradients, default_sweep)
 
 # ------------------------------------------------------------------ a model whose answers we know by hand

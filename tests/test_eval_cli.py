@@ -132,7 +132,7 @@ def test_report_merges_evals_with_exact_worst_case(runs, tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--checkpoints", "best", "--no-plots"]) == 0
     row = json.loads((tmp_path / "rep" / "report.json").read_text())["rows"][0]
     evals = [json.loads((run / n).read_text()) for n in ("eval-best.json", "eval-best-pgd.json")]
-    from iat.evaluate import unpack_flags
+    from iat.evaluation.accuracy import unpack_flags
 
     worst = unpack_flags(evals[0]["per_example"]["worst_case"], 24) & unpack_flags(
         evals[1]["per_example"]["worst_case"], 24)
@@ -147,8 +147,8 @@ def test_report_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 
 def test_report_leaves_out_cumulative_columns():
-    from iat.evaluate import pack_flags
-    from iat.report import merge_evals
+    from iat.evaluation.accuracy import pack_flags
+    from iat.reporting.report import merge_evals
 
     def result(mode, rows, worst):
         n = len(worst)

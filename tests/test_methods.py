@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from iat.attacks import kl_div
 from iat.methods import METHODS, create_method
-from iat.registry import UsageError
+from iat.errors import UsageError
 
 FAST = dict(eps=8 / 255, step_size=2 / 255, steps=2)
 

@@ -8,11 +8,11 @@ import torch
 from iat.attacks import PGD
 from iat.methods import METHODS, create_method
 from iat.methods.awp import perturbed_weights
-from iat.methods.iat_variants import iat_mart_objective, iat_trades_objective
+from iat.methods.iat_trades_mart import iat_mart_objective, iat_trades_objective
 from iat.methods.mart import boosted_ce, mart_objective
-from iat.methods.standard import PGDAT
+from iat.methods.pgd_at import PGDAT
 from iat.methods.trades import trades_objective
-from iat.registry import UsageError
+from iat.errors import UsageError
 
 FAST = dict(eps=8 / 255, step_size=2 / 255, steps=2)
 AWP_NAMES = [n for n in METHODS.names() if n.endswith("+awp")]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iat.models import MODELS, Normalize, create_model, model_info
-from iat.registry import UsageError
+from iat.errors import UsageError
 
 # The wide ResNets (36M-46M parameters) are built once, at batch 1, to keep the suite fast on CPU;
 # their 1-channel variant only differs in the stem conv and runs when IAT_SLOW=1.

@@ -12,7 +12,7 @@ import pytest
 
 from iat.reproduce import runner, spec as specs, table
 from iat.cli import main
-from iat.train import Trainer
+from iat.training.trainer import Trainer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from iat import config as C
-from iat.checkpoint import load_checkpoint
+from iat.training.checkpoint import load_checkpoint
 from iat.cli import main
-from iat.registry import UsageError
-from iat.train import Trainer
+from iat.errors import UsageError
+from iat.training.trainer import Trainer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # 12 batches an epoch; a checkpoint every 2 batches, so kills land between mid-epoch checkpoints.

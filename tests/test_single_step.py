@@ -9,14 +9,14 @@ from torch import nn
 
 from iat import config as C
 from iat.attacks import PGD, kl_div
-from iat.checkpoint import load_checkpoint, save_checkpoint
+from iat.training.checkpoint import load_checkpoint, save_checkpoint
 from iat.data import DATASETS
 from iat.methods import create_method
 from iat.methods.single_step import alignment_penalty, input_gradient
 from iat.methods.uiat import UniversalPerturbation
 from iat.models import MODELS
-from iat.monitor import co_epochs, co_rule
-from iat.registry import UsageError
+from iat.training.monitor import co_epochs, co_rule
+from iat.errors import UsageError
 
 EPS = 8 / 255
 SINGLE = ["fgsm-at", "fgsm-rs", "n-fgsm", "gradalign", "uiat-fgsm"]
@@ -274,8 +274,8 @@ def test_co_monitor_flags_a_collapse_and_not_a_healthy_curve():
 
 
 def test_trainer_records_val_fgsm_and_warns(tmp_path, monkeypatch, capsys):
-    from iat import monitor
-    from iat.train import Trainer
+    from iat.training import monitor
+    from iat.training.trainer import Trainer
 
     cfg = C.TrainConfig(method="uiat-fgsm", model="cnn", seed=1, device="cpu", progress=False)
     C.update(cfg, {"data": {"name": "synthetic", "val_size": 128}, "optim": {"epochs": 1, "batch_size": 64},
@@ -294,7 +294,7 @@ def test_trainer_records_val_fgsm_and_warns(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_configs_resolve(path):
-    from iat.train import build_method, validate_config
+    from iat.training.trainer import build_method, validate_config
 
     cfg = C.from_dict(C.read_config_file(path))
     validate_config(cfg)
@@ -303,7 +303,7 @@ def test_configs_resolve(path):
 
 
 def test_paper_schedule_decays_at_epochs_100_and_105():
-    from iat.train import lr_factor
+    from iat.training.trainer import lr_factor
 
     cfg = C.from_dict(C.read_config_file(Path(__file__).parent.parent / "configs/cifar10-resnet18-iat.toml"))
     steps = 390  # 49000 / 128

@@ -8,8 +8,8 @@ import torch
 from iat import config as C
 from iat.attacks import PGD
 from iat.data import load_dataset
-from iat.registry import UsageError
-from iat.train import Trainer
+from iat.errors import UsageError
+from iat.training.trainer import Trainer
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])

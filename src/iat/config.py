@@ -12,8 +12,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional, Union, get_type_hints
 
-from .registry import UsageError
-from .units import parse_number
+from .errors import UsageError
+from .values import parse_number
 
 
 @dataclasses.dataclass

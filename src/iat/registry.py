@@ -1,16 +1,17 @@
-"""A name -> factory registry per family (models, attacks, methods, data sets), in the style of timm.
+"""A name -> factory registry per family (models, attacks, methods, data sets, optimizers, schedules, balls),
+in the style of timm.
 
-The CLI's choices and the parametrised tests enumerate these, so adding a component is one decorator.
+The CLI's choices and help, and the parametrised tests, enumerate these, so adding a component is one
+decorator. An unknown name is a UsageError that lists the choices and suggests the nearest one.
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, Generic, TypeVar
 
+from .errors import UsageError
+
 T = TypeVar("T")
-
-
-class UsageError(ValueError):
-    """Bad input from the user: the CLI prints the message on one line and exits with status 2."""
 
 
 class Registry(Generic[T]):
@@ -32,10 +33,13 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Callable[..., T]:
         if name not in self._items:
-            raise UsageError(
-                f"unknown {self.family} {name!r}; choose one of: {', '.join(self.names())}"
-            )
+            raise UsageError(f"unknown {self.family} {name!r}{self.suggest(name)}; choose one of: {', '.join(self.names())}")
         return self._items[name]
+
+    def suggest(self, name: object) -> str:
+        """', did you mean X?' for the nearest registered name, or ''."""
+        close = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.6)
+        return f" (did you mean {close[0]!r}?)" if close else ""
 
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)

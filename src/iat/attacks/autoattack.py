@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ..registry import UsageError
+from ..errors import UsageError
 from . import ATTACKS
 from .engine import NORMS, crafting_mode
 

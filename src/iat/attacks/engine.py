@@ -6,6 +6,7 @@ loop with `descent=True`. Inputs are images in [0, 1]; eps and step sizes are in
 """
 from __future__ import annotations
 
+import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
@@ -13,12 +14,27 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import nn
 
-from ..distributed import noise_shard
-from ..registry import UsageError
+from ..errors import UsageError
+from ..threat import BALLS, Ball, make_ball
 from .losses import ATTACK_LOSSES, LossFn
 
-NORMS = ("linf", "l2")
+NORMS = tuple(BALLS.names())
 BN_MODES = ("train", "eval", "keep")
+
+# (rank, world_size) while the trainer of a multi-process run crafts (see training.distributed)
+_NOISE_SHARD: contextvars.ContextVar[Optional[tuple[int, int]]] = contextvars.ContextVar("iat_noise_shard",
+                                                                                          default=None)
+
+
+@contextmanager
+def noise_of_global_batch(rank: int, world_size: int) -> Iterator[None]:
+    """Inside, random starts are drawn for the whole global batch and this rank's slice is kept, so W ranks
+    of batch B draw what one process of batch W*B draws (a no-op for world_size 1)."""
+    token = _NOISE_SHARD.set((rank, world_size) if world_size > 1 else None)
+    try:
+        yield
+    finally:
+        _NOISE_SHARD.reset(token)
 
 
 @contextmanager
@@ -46,11 +62,11 @@ def crafting_mode(model: nn.Module, bn_mode: str = "keep") -> Iterator[nn.Module
 def _draw(fn, shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
     """fp32 noise from `generator` on its own device, moved next to `like`.
 
-    Under distributed.sharded_noise the noise of the whole global batch (world_size x this rank's) is
+    Under `noise_of_global_batch` the noise of the whole global batch (world_size x this rank's) is
     drawn and this rank's rows kept, so W ranks of batch B draw what one process of batch W*B draws.
     """
     device = generator.device if generator is not None else like.device
-    shard = noise_shard()
+    shard = _NOISE_SHARD.get()
     if shard is None:
         return fn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
     rank, world = shard
@@ -58,23 +74,9 @@ def _draw(fn, shape: torch.Size, generator: Optional[torch.Generator], like: tor
     return full[rank * shape[0]:(rank + 1) * shape[0]].to(like.device)
 
 
-def _rand(shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) noise (see _draw)."""
-    return _draw(torch.rand, shape, generator, like)
-
-
-def _randn(shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    return _draw(torch.randn, shape, generator, like)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel: crafting needs no gradient sync or buffer broadcast."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _l2(v: torch.Tensor) -> torch.Tensor:
-    """Per-example l2 norm, shaped to broadcast against v."""
-    return v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.dim() - 1)))
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,10 @@ class PGD:
     restarts: int = 1
     bn_mode: str = "keep"
     loss_fn: LossFn = field(init=False, repr=False, compare=False)
+    ball: Ball = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            raise UsageError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if not self.eps >= 0 or (self.norm == "linf" and self.eps > 1):
-            raise UsageError(f"eps must be in [0, 1] for images in [0, 1], got {self.eps}")
+        object.__setattr__(self, "ball", make_ball(self.norm, self.eps))
         if self.steps < 1:
             raise UsageError(f"attack steps must be at least 1, got {self.steps}")
         if not self.step_size > 0:
@@ -158,31 +158,16 @@ class PGD:
         radius = self.eps * self.init_scale
         if not self.random_start or radius == 0:
             return torch.zeros_like(x)
-        if self.norm == "linf":
-            delta = (2 * _rand(x.shape, generator, x) - 1) * radius
-        else:
-            direction = _randn(x.shape, generator, x)
-            r = _rand(x.shape[:1], generator, x).view(-1, *([1] * (x.dim() - 1)))
-            delta = direction / _l2(direction) * r * radius
+        delta = self.ball.random(x.shape, radius, lambda fn, shape: _draw(fn, shape, generator, x))
         return (x + delta.to(x.dtype)).clamp(0, 1) - x
 
     def step(self, x: torch.Tensor, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """One signed (l-inf) or normalised (l2) step, projected to the ball and to [0, 1]."""
         sign = -1.0 if self.descent else 1.0
-        grad = grad.float()
-        if self.norm == "linf":
-            delta = delta + sign * self.step_size * grad.sign()
-        else:
-            delta = delta + sign * self.step_size * grad / _l2(grad)
+        delta = delta + sign * self.step_size * self.ball.ascent(grad.float())
         if self.project:
-            delta = self.project_delta(delta)
+            delta = self.ball.project(delta)
         return (x + delta).clamp(0, 1) - x
-
-    def project_delta(self, delta: torch.Tensor) -> torch.Tensor:
-        """Projection onto the eps-ball of the threat model."""
-        if self.norm == "linf":
-            return delta.clamp(-self.eps, self.eps)
-        return delta * (self.eps / _l2(delta)).clamp(max=1.0)
 
     @torch.no_grad()
     def _score(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..registry import UsageError
+from ..errors import UsageError
 from .cifar import CIFAR10_CLASSES
 from .core import DATASETS, DataBundle, register_fetcher
 from .files import atomic_path, log

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..registry import Registry, UsageError
+from ..errors import UsageError
+from ..registry import Registry
 
 DATASETS: Registry[DataBundle] = Registry("data set")
 # name -> fetcher(root: Path, **kw) -> folder. Kept beside DATASETS, not in it, because not every data set

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from ..registry import UsageError
+from ..errors import UsageError
 
 MARKER = ".verified.json"
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..registry import UsageError
+from ..errors import UsageError
 from .core import DATASETS, DataBundle, Split, make_bundle
 from .files import cache_dir, iter_tar, log, reading_archive
 

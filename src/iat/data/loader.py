@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from ..registry import UsageError
+from ..errors import UsageError
 from .core import Split
 
 

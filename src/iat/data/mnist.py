@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..registry import UsageError
+from ..errors import UsageError
 from .core import DATASETS, FETCHERS, DataBundle, Split, make_bundle, register_fetcher
 from .files import atomic_path, check_md5, download, gunzip_md5, is_marked, log
 from .idx import read_idx, write_idx

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..registry import UsageError
+from ..errors import UsageError
 
 
 def _reconstruct() -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..registry import UsageError
+from ..errors import UsageError
 from .core import DATASETS, DataBundle, Split, make_bundle, register_fetcher
 from .files import check_md5, download, log
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..registry import UsageError
+from ..errors import UsageError
 from .core import DATASETS, DataBundle, Split, make_bundle
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..attacks import PGD
-from ..registry import UsageError
+from ..errors import UsageError
 from .base import METHODS, Metrics
 
 Diff = dict[str, torch.Tensor]

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..attacks import PGD
-from ..registry import Registry, UsageError
-from ..units import parse_number
+from ..errors import UsageError
+from ..registry import Registry
+from ..values import parse_number
 
 Metrics = dict[str, torch.Tensor]
 

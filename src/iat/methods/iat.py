@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import ce_loss, kl_div
-from ..registry import UsageError
+from ..errors import UsageError
 from .base import METHODS, Method, Metrics, mean_acc, resolve
 
 KL_DIRECTIONS = ("adv||inv", "inv||adv")

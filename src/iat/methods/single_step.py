@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import PGD
-from ..registry import UsageError
+from ..errors import UsageError
 from .base import METHODS, Metrics, mean_acc
-from .standard import PGDAT
+from .pgd_at import PGDAT
 
 # Recipes whose adversary can host the universal inverse perturbation (uiat-fgsm).
 HOSTS = ("fgsm-at", "fgsm-rs", "n-fgsm")

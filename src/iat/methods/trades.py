@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import PGD, crafting_mode, kl_div
-from ..registry import UsageError
+from ..errors import UsageError
 from .base import METHODS, Method, Metrics, mean_acc
 
 Terms = dict[str, torch.Tensor]

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import PGD, crafting_mode, kl_div
-from ..distributed import all_reduce_
-from ..registry import UsageError
+from ..training.distributed import all_reduce_
+from ..errors import UsageError
 from .base import METHODS, Method, Metrics, mean_acc, resolve
 from .single_step import HOSTS
 

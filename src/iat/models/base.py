@@ -11,7 +11,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..registry import Registry, UsageError
+from ..errors import UsageError
+from ..registry import Registry
 
 # factory(num_classes: int, in_channels: int, input_size: int) -> nn.Module, the body after Normalize.
 MODELS: Registry[nn.Module] = Registry("model")

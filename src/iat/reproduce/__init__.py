@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..registry import UsageError
+from ..errors import UsageError
 from .runner import run_table
 from .spec import builtin_tables, load_spec
 from .table import write_table
@@ -44,7 +44,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     if gpus and jobs > len(gpus):
         raise UsageError(f"--jobs {jobs} is more than the {len(gpus)} GPUs of --gpus; each cell needs its own GPU")
     if not args.no_plots:
-        from ..plots import require_matplotlib
+        from ..reporting.plots import require_matplotlib
 
         require_matplotlib()
     failures = [] if args.table_only else run_table(spec, out, jobs, args.threads, args.dry_run, gpus)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
-from ..checkpoint import atomic_write_text
-from ..registry import UsageError
+from ..training.checkpoint import atomic_write_text
+from ..errors import UsageError
 from .spec import KINDS, Cell, EvalGroup, TableSpec
 
 

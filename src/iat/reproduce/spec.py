@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
-from ..registry import UsageError
+from ..errors import UsageError
 
 SPEC_DIR = Path(__file__).parents[1] / "experiments"
 KINDS = ("best", "last")

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ..checkpoint import atomic_write_bytes, atomic_write_text
-from ..monitor import co_epochs
-from ..tables import fmt_eps
+from ..training.checkpoint import atomic_write_bytes, atomic_write_text
+from ..training.monitor import co_epochs
+from ..reporting.eval_tables import fmt_eps
 from .runner import eval_path, read_records, run_dir
 from .spec import Compare, TableSpec
 
@@ -171,7 +171,7 @@ def _partial(row: dict[str, Any], column: str) -> str:
 
 
 def _protocol_lines(table: dict[str, Any]) -> list[str]:
-    from ..tables import protocol_text
+    from ..reporting.eval_tables import protocol_text
 
     p = table["protocol"]
     if not p:
@@ -247,7 +247,7 @@ def write_table(spec: TableSpec, out: Path, results_md: Optional[Path], command:
     table = build_table(spec, out)
     curves_name = None
     if plots and table["curves"]:
-        from ..plots import plot_seed_curves
+        from ..reporting.plots import plot_seed_curves
 
         plot_seed_curves(table["curves"], out / "curves.png", title=spec.title)
         curves_name = "curves.png"

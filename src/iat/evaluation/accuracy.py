@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import Natural, PGD
-from .registry import UsageError
+from ..attacks import Natural, PGD
+from ..errors import UsageError
 
 MODES = ("each", "cumulative")
 

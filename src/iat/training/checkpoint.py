@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .registry import UsageError
+from ..errors import UsageError
 
 FORMAT = "iat-checkpoint-1"
 # mkstemp makes files private (0600); give ours the permissions an ordinary open() would.

@@ -15,7 +15,7 @@ from typing import ContextManager
 import torch
 from torch import nn
 
-from .registry import UsageError
+from ..errors import UsageError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import PGD, Natural, create_attack, crafting_mode
-from .evaluate import Accuracy, _as_float, robust_accuracy
-from .registry import UsageError
+from ..attacks import PGD, Natural, create_attack, crafting_mode
+from .accuracy import Accuracy, _as_float, robust_accuracy
+from ..errors import UsageError
 
 MASKING = "gradient masking (the attack, not the model, is failing)"
 

@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import atomic_write_text
-from .evaluate import unpack_flags
-from .registry import UsageError
-from .tables import fmt_eps, protocol_text
+from ..training.checkpoint import atomic_write_text
+from ..evaluation.accuracy import unpack_flags
+from ..errors import UsageError
+from .eval_tables import fmt_eps, protocol_text
 
 KINDS = ("best", "last")
 COLUMN_ORDER = ["natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
@@ -173,7 +173,7 @@ def _val_label(config: dict[str, Any]) -> str:
 
 
 def _eval_missing(runs: list[Path], kinds: tuple[str, ...], args: argparse.Namespace) -> None:
-    from .eval_cli import EvalConfig, evaluate_checkpoint, write_results
+    from ..evaluation.pipeline import EvalConfig, evaluate_checkpoint, write_results
 
     for run in runs:
         have = read_evals(run)

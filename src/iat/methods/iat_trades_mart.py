@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import kl_div
-from ..registry import UsageError
+from ..errors import UsageError
 from .base import METHODS, Method, Metrics, mean_acc
 from .iat import KL_DIRECTIONS, InverseAnchor
 from .mart import boosted_ce, true_prob

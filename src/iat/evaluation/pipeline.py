@@ -16,16 +16,16 @@ from typing import Any, Optional
 
 import torch
 
-from .attacks import PGD, Natural, create_attack
-from .checkpoint import atomic_write_text
-from .data import load_dataset
-from .evaluate import pack_flags, robust_accuracy
-from .registry import UsageError
-from .runs import checkpoint_path, is_pickle, load_model, load_model_file
-from .runtime import resolve_device
+from ..attacks import PGD, Natural, create_attack
+from ..training.checkpoint import atomic_write_text
+from ..data import load_dataset
+from .accuracy import pack_flags, robust_accuracy
+from ..errors import UsageError
+from .loading import checkpoint_path, is_pickle, load_model, load_model_file
+from ..training.device import resolve_device
 from .sanity import check_class_coverage, check_eps_sweep, default_sweep, eps_sweep, run_checks
-from .tables import format_checks, format_table, to_csv, to_markdown
-from .units import parse_number
+from ..reporting.eval_tables import format_checks, format_table, to_csv, to_markdown
+from ..values import parse_number
 
 
 @dataclasses.dataclass
@@ -141,7 +141,7 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> dict[str, Any]:
     norm = cfg.norm or train_threat["norm"]
     attacks = build_attacks(cfg.attacks, eps, norm, cfg.restarts)
     if cfg.eps_sweep:
-        from .plots import require_matplotlib
+        from ..reporting.plots import require_matplotlib
 
         require_matplotlib()
     test = bundle.test
@@ -205,7 +205,7 @@ def write_results(result: dict[str, Any], out: Path) -> list[Path]:
     paths = output_paths(out)
     written = []
     if result.get("eps_sweep"):
-        from .plots import plot_eps_sweep
+        from ..reporting.plots import plot_eps_sweep
 
         sweep, t = result["eps_sweep"], result["threat"]
         title = (f"{sweep['attack']} ({sweep['norm']}) on {result['data']['name']}, "

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .models import create_model
-from .registry import UsageError
+from ..training.checkpoint import load_checkpoint
+from ..models import create_model
+from ..errors import UsageError
 
 if TYPE_CHECKING:
-    from .data import DataBundle
+    from ..data import DataBundle
 
 # A zip (torch.save since 1.6) or a bare pickle (protocol >= 2 starts with 0x80): not safetensors.
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")

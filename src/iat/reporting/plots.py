@@ -8,9 +8,9 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from .checkpoint import atomic_write_bytes
-from .registry import UsageError
-from .tables import fmt_eps
+from ..training.checkpoint import atomic_write_bytes
+from ..errors import UsageError
+from .eval_tables import fmt_eps
 
 INSTALL_HINT = 'pip install "iat[plots]"'
 

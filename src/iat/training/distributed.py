@@ -12,16 +12,16 @@ ranks of batch B craft exactly the examples one process of batch 2B crafts.
 from __future__ import annotations
 
 import atexit
-import contextvars
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from .registry import UsageError
+from ..attacks.engine import noise_of_global_batch
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -92,25 +92,12 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
-# ---------------------------------------------------------------- random starts of the global batch
-_NOISE_SHARD: contextvars.ContextVar[Optional[tuple[int, int]]] = contextvars.ContextVar("iat_noise_shard",
-                                                                                          default=None)
-
-
 @contextmanager
 def sharded_noise() -> Iterator[None]:
     """Inside, the attack engine draws noise for the whole global batch and keeps this rank's slice."""
     me = info()
-    token = _NOISE_SHARD.set((me.rank, me.world_size) if me.enabled else None)
-    try:
+    with noise_of_global_batch(me.rank, me.world_size):
         yield
-    finally:
-        _NOISE_SHARD.reset(token)
-
-
-def noise_shard() -> Optional[tuple[int, int]]:
-    """(rank, world_size) inside `sharded_noise` of a multi-process run, else None."""
-    return _NOISE_SHARD.get()
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

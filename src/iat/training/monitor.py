@@ -29,8 +29,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from .attacks import create_attack
-from .evaluate import robust_accuracy
+from ..attacks import create_attack
+from ..evaluation.accuracy import robust_accuracy
 
 RATIO = 0.3
 DROP = 0.20

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from .registry import UsageError
+from ..errors import UsageError
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import config as C
-from .registry import UsageError
+from .. import config as C
+from ..errors import UsageError
 
 # Flags of `iat train` -> dotted config keys. A config file sets the same keys; flags win.
 TRAIN_FLAGS = {
@@ -152,7 +152,7 @@ def train_config(args: argparse.Namespace, base: Optional[C.TrainConfig] = None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import Trainer
+    from ..training.trainer import Trainer
 
     out = _run_dir(args)
     exists = (out / "config.json").exists() or (out / "checkpoints").exists()
@@ -195,7 +195,7 @@ def _run_dir(args: argparse.Namespace) -> Path:
 
 def _saved_run(out: Path) -> dict[str, Any]:
     """The resolved settings a run saved in its config.json: a resumed run starts from these."""
-    from .checkpoint import load_checkpoint
+    from ..training.checkpoint import load_checkpoint
 
     path, last = out / "config.json", out / "checkpoints" / "last.safetensors"
     if not path.is_file() and not last.is_file():
@@ -234,28 +234,28 @@ def _check_writable(out: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval_cli import run_eval
+    from ..evaluation.pipeline import run_eval
 
     return run_eval(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import run_report
+    from ..reporting.report import run_report
 
     return run_report(args)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import run_reproduce
+    from ..reproduce import run_reproduce
 
     return run_reproduce(args)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .attacks import ATTACKS
-    from .data import DATASETS
-    from .methods import METHODS
-    from .models import MODELS
+    from ..attacks import ATTACKS
+    from ..data import DATASETS
+    from ..methods import METHODS
+    from ..models import MODELS
 
     registry = {"models": MODELS, "attacks": ATTACKS, "methods": METHODS, "datasets": DATASETS}[args.what]
     items = registry.describe()
@@ -266,7 +266,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import fetch_dataset
+    from ..data import fetch_dataset
 
     path = fetch_dataset(args.name, args.root)
     print(f"{args.name}: ready in {path}")

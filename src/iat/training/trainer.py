@@ -19,18 +19,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import config as C
+from .. import config as C
 from . import distributed, speed
-from .attacks import create_attack
+from ..attacks import create_attack
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from .data import BatchLoader, DataBundle, load_dataset, train_val_split
-from .evaluate import robust_accuracy
-from .methods import Method, create_method
-from .models import create_model
-from .registry import UsageError
-from .runs import model_spec_for
-from .runtime import resolve_device, rng_state, seed_everything, set_rng_state
-from .sanity import check_class_coverage
+from ..data import BatchLoader, DataBundle, load_dataset, train_val_split
+from ..evaluation.accuracy import robust_accuracy
+from ..methods import Method, create_method
+from ..models import create_model
+from ..errors import UsageError
+from ..evaluation.loading import model_spec_for
+from .device import resolve_device, rng_state, seed_everything, set_rng_state
+from ..evaluation.sanity import check_class_coverage
 
 SCHEDULES = ("piecewise", "cosine", "cyclic", "constant")
 

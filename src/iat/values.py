@@ -1,0 +1,105 @@
+"""The one coercer of values users write, in TOML, JSON or on the command line: "8/255", "0.3", "true".
+
+Every typed setting (run config fields, method options, attack overrides) goes through `coerce`, so a
+value means the same wherever it is written, and a bad one is the same one-line UsageError.
+"""
+from __future__ import annotations
+
+import math
+import types
+from fractions import Fraction
+from typing import Any, Union, get_args, get_origin
+
+from .errors import UsageError
+
+TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_number(value: object, name: str = "value") -> float:
+    """Accept a float, an int or a string such as "8/255" and return a finite float."""
+    if isinstance(value, bool):
+        raise UsageError(f"{name} must be a number, got {value!r}")
+    number = None
+    if isinstance(value, (int, float)):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+    elif isinstance(value, str):
+        try:
+            number = float(Fraction(value.strip()))
+        except (ValueError, ZeroDivisionError):
+            pass
+        except OverflowError:
+            number = math.inf
+    if number is None:
+        raise UsageError(f"{name} must be a number such as 0.03 or 8/255, got {value!r}")
+    if not math.isfinite(number):
+        raise UsageError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def parse_int(value: object, name: str = "value") -> int:
+    """An integer from an int, or from a number or string with no fractional part ("5", 5.0, "1e3")."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    number = parse_number(value, name)
+    if number != int(number):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    return int(number)
+
+
+def parse_bool(value: object, name: str = "value") -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE + FALSE:
+        return text in TRUE
+    raise UsageError(f"{name} must be true or false, got {value!r}")
+
+
+def coerce(value: Any, kind: Any, name: str = "value") -> Any:
+    """Convert `value` to the declared type `kind` (bool, int, float, str, Optional[...], tuple[float, ...],
+    dict); "none"/"null" is None for optional fields."""
+    origin, args = get_origin(kind), get_args(kind)
+    if kind is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        options = [a for a in args if a is not type(None)]
+        return coerce(value, options[0] if len(options) == 1 else Union[tuple(options)], name)
+    if kind is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{name} must be a table of key = value, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise UsageError(f"{name} must be a list of numbers, e.g. [0.5, 0.75], got {value!r}")
+        return tuple(parse_number(v, name) for v in items)
+    if kind is bool:
+        return parse_bool(value, name)
+    if kind is int:
+        return parse_int(value, name)
+    if kind is float:
+        return parse_number(value, name)
+    if value is None or isinstance(value, (dict, list)):
+        raise UsageError(f"{name} must be a string, got {value!r}")
+    return str(value)
+
+
+def parse_literal(text: str) -> Any:
+    """An untyped command-line value (attack overrides, NAME:KEY=VALUE): int, else number, else bool, else text."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return parse_number(text)
+    except UsageError:
+        pass
+    if text.lower() in TRUE[:1] + FALSE[:1]:
+        return text.lower() == "true"
+    return text

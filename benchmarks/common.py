@@ -69,7 +69,7 @@ def make_trainer(method: str, model: str, batch_size: int, out: Path, device: st
     cfg = C.TrainConfig(method=method, model=model, device=device, progress=False)
     cfg.data = C.DataConfig(name="synthetic", val_size=batch_size)
     cfg.optim = C.OptimConfig(epochs=1, batch_size=batch_size, schedule="constant", lr=0.01)
-    cfg.threat = C.ThreatConfig(steps=steps)
+    cfg.threat = C.ThreatModel(steps=steps)
     C.update(cfg, {"speed": speed})
     bundle = load_dataset("synthetic", n_train=3 * batch_size, n_test=batch_size, num_classes=classes,
                           channels=3, size=32)

@@ -22,7 +22,7 @@ def make_cfg(method: str, epochs: int = 1) -> C.TrainConfig:
     cfg = C.TrainConfig(method=method, model="cnn", seed=5, device="cpu", progress=False)
     cfg.data = C.DataConfig(name="synthetic", val_size=32)
     cfg.optim = C.OptimConfig(epochs=epochs, batch_size=32, lr=0.05, schedule="constant")
-    cfg.threat = C.ThreatConfig(eps=8 / 255, step_size=2 / 255, steps=2)
+    cfg.threat = C.ThreatModel(eps=8 / 255, step_size=2 / 255, steps=2)
     cfg.val = C.ValConfig(steps=1, n_examples=16, batch_size=16)
     return cfg
 

@@ -10,8 +10,8 @@ from iat.attacks import PGD, Natural, create_attack
 from iat.evaluation.accuracy import (Accuracy, AttackVerificationError, aggregate, pack_flags, robust_accuracy, unpack_flags,
                           verify_adversarial)
 from iat.errors import UsageError
-from iat.evaluation.sanity import (check_eps_sweep, check_more_effort, check_randomised, check_robust_vs_natural,
-                        check_zero_gradients, default_sweep)
+from iat.evaluation.sanity import check_more_effort, check_randomised, check_robust_vs_natural, check_zero_gradients
+from iat.evaluation.sweep import check_eps_sweep, default_sweep
 
 # ------------------------------------------------------------------ a model whose answers we know by hand
 

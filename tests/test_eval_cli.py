@@ -148,15 +148,17 @@ def test_report_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 def test_report_leaves_out_cumulative_columns():
     from iat.evaluation.accuracy import pack_flags
+    from iat.records import EvalRecord
     from iat.reporting.report import merge_evals
 
     def result(mode, rows, worst):
         n = len(worst)
-        return {"_file": f"eval-best-{mode}.json", "checkpoint_epoch": 3, "threat": {"eps": 0.1, "norm": "linf"},
-                "data": {"name": "synthetic", "n_examples": n},
-                "results": [{"attack": a, "correct": c, "accuracy": c / n, "counted": k, "protocol": {}}
-                            for a, c, k in rows] + [{"attack": "worst case", "correct": sum(worst)}],
-                "per_example": {"worst_case": pack_flags(torch.tensor(worst))}}
+        return (f"eval-best-{mode}.json", EvalRecord(
+            checkpoint="x", checkpoint_epoch=3, threat={"eps": 0.1, "norm": "linf"},
+            data={"name": "synthetic", "n_examples": n},
+            results=[{"attack": a, "correct": c, "accuracy": c / n, "counted": k, "protocol": {}}
+                     for a, c, k in rows] + [{"attack": "worst case", "correct": sum(worst)}],
+            per_example={"worst_case": pack_flags(torch.tensor(worst))}))
 
     each = result("each", [("natural", 4, "natural"), ("cw", 3, "own")], [1, 1, 1, 0])
     cum = result("cum", [("natural", 4, "natural"), ("pgd20", 3, "own"), ("cw", 1, "cumulative")], [0, 1, 0, 0])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from iat.attacks import kl_div
 from iat.methods import METHODS, create_method
 from iat.errors import UsageError
+from iat.threat import ThreatModel
 
 FAST = dict(eps=8 / 255, step_size=2 / 255, steps=2)
 
@@ -27,9 +28,19 @@ def test_finite_loss_reaches_every_parameter(tiny_model, batch, name):
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_options_are_recorded(name):
+    """Options are the method's own; the threat model is held once, as method.threat, and never an option."""
     method = create_method(name, **FAST)
     opts = method.options()
-    assert opts["eps"] == FAST["eps"] and opts["steps"] == 2
+    assert method.threat == ThreatModel(**FAST)
+    assert not set(opts) & {"eps", "step_size", "steps", "norm", "threat"}
+    assert create_method(name, **opts).options() == opts   # options() is a complete, valid description
+
+
+@pytest.mark.parametrize("key", ["eps", "step_size", "steps", "norm"])
+def test_a_threat_key_is_not_a_method_option(key):
+    """With the run's threat model given, eps & co. as method options are refused (they would disagree)."""
+    with pytest.raises(UsageError, match=f"--{key.replace('_', '-')}"):
+        create_method("iat", threat=ThreatModel(), **{key: FAST.get(key, "linf")})
 
 
 def test_iat_loss_matches_definition(tiny_model, batch):
@@ -60,18 +71,51 @@ def test_kl_div_hand_computed():
 
 
 def test_iat_detach_inverse_blocks_its_gradient(tiny_model, batch):
+    """With detach_inverse, the weight gradient is that of CE(x') + beta KL(p(x') || const p(x~)), and it
+    differs from the one that also flows through p(x~)."""
     x, y = batch
     tiny_model.eval()
-    method = create_method("iat", bn_mode="keep", detach_inverse=True, **FAST)
-    loss, _ = method.loss(tiny_model, x, y)
-    assert torch.isfinite(loss)
+    params = list(tiny_model.parameters())
+    crafted = create_method("iat", bn_mode="keep", **FAST).craft(tiny_model, x, y)
+    grads = {}
+    for detach in (True, False):
+        method = create_method("iat", bn_mode="keep", beta=3.5, detach_inverse=detach, **FAST)
+        loss, _ = method.objective(tiny_model, x, y, crafted)
+        grads[detach] = torch.autograd.grad(loss, params)
+    la, li = tiny_model(crafted["x_adv"]), tiny_model(crafted["x_inv"]).detach()
+    by_hand = torch.autograd.grad(F.cross_entropy(la, y) + 3.5 * kl_div(la, li).mean(), params)
+    for a, b in zip(grads[True], by_hand):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[True], grads[False]))
 
 
 def test_iat_ce_kl_inverse_loss(tiny_model, batch):
+    """inverse_loss "ce+kl" descends CE(x~) + KL(p(x) || p(x~)) - KL(p(x') || p(x~)) inside the ball, and
+    the training loss is the iat objective on that x~."""
     x, y = batch
-    method = create_method("iat", inverse_loss="ce+kl", **FAST)
-    loss, _ = method.loss(tiny_model, x, y)
-    assert torch.isfinite(loss)
+    tiny_model.eval()
+    method = create_method("iat", bn_mode="keep", inverse_loss="ce+kl", **FAST)
+    torch.manual_seed(0)
+    crafted = method.craft(tiny_model, x, y)
+    x_adv, x_inv = crafted["x_adv"], crafted["x_inv"]
+    with torch.no_grad():
+        nat, adv = tiny_model(x), tiny_model(x_adv)
+
+        def inverse_objective(z):
+            logits = tiny_model(z)
+            return F.cross_entropy(logits, y) + kl_div(nat, logits).mean() - kl_div(adv, logits).mean()
+
+        assert inverse_objective(x_inv) < inverse_objective(x) - 1e-4
+    plain = create_method("iat", bn_mode="keep", **FAST)
+    torch.manual_seed(0)   # the same random starts as above: only the inverse loss differs
+    assert torch.equal(plain.attack()(tiny_model, x, y), x_adv)
+    assert not torch.equal(plain.inverse_example(tiny_model, x, y), x_inv)   # the KL terms move the descent
+    assert (x_inv - x).abs().max() <= FAST["eps"] + 1e-6
+    loss, _ = method.objective(tiny_model, x, y, crafted)
+    la, li = tiny_model(x_adv), tiny_model(x_inv)
+    assert torch.allclose(loss, F.cross_entropy(la, y) + 3.5 * kl_div(la, li).mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="adversarial example"):
+        method.inverse_example(tiny_model, x, y)
 
 
 @pytest.mark.parametrize("options", [dict(kl_direction="both"), dict(inverse_loss="mse"), dict(gamma=1.0),
@@ -83,5 +127,5 @@ def test_bad_options(options):
 
 def test_options_from_strings():
     method = create_method("iat", eps="8/255", steps="5", beta="6", detach_inverse="true")
-    assert method.eps == pytest.approx(8 / 255) and method.steps == 5 and method.beta == 6.0
+    assert method.threat.eps == pytest.approx(8 / 255) and method.threat.steps == 5 and method.beta == 6.0
     assert method.detach_inverse is True

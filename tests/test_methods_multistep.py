@@ -93,7 +93,7 @@ def test_method_loss_matches_objective(tiny_model, batch, name):
     x_adv = method.trades_example(tiny_model, x, y) if "trades" in name else method.small_start()(tiny_model, x, y)
     ln, la = tiny_model(x), tiny_model(x_adv)
     if name.startswith("iat"):
-        li = tiny_model(method.inverse_example(tiny_model, x, y, la))
+        li = tiny_model(method.inverse_example(tiny_model, x, y, x_adv))
         expected = (iat_trades_objective(ln, la, li, y, 2.0) if name == "iat-trades"
                     else iat_mart_objective(la, li, y, 2.0))[0]
     else:
@@ -130,7 +130,7 @@ def test_bad_options(name, options):
 def test_awp_passes_options_through_and_records_them():
     m = create_method("trades+awp", beta=6, gamma=5e-3, eps="4/255")
     opts = m.options()
-    assert opts["beta"] == 6.0 and opts["gamma"] == 5e-3 and opts["eps"] == pytest.approx(4 / 255)
+    assert opts["beta"] == 6.0 and opts["gamma"] == 5e-3 and m.threat.eps == pytest.approx(4 / 255)
     assert opts["init_radius"] == 0.001 and opts["awp_lr"] == 0.01
     assert set(AWP_NAMES) >= {"pgd-at+awp", "trades+awp", "iat+awp"}
 
@@ -173,17 +173,17 @@ def test_awp_restores_weights_exactly_when_something_raises(tiny_model, batch, m
     method = create_method("pgd-at+awp", gamma=0.05, **FAST)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
     w0 = _snapshot(tiny_model)
-    if where == "loss":   # the wrapped loss raises in its second pass, at the perturbed weights
-        calls, inner = [], PGDAT.loss
+    if where == "loss":   # the wrapped objective raises in its second call, at the perturbed weights
+        calls, inner = [], PGDAT.objective
 
-        def exploding(self, model, x, y):
+        def exploding(self, model, x, y, crafted):
             calls.append(1)
             if len(calls) == 2:
                 assert not torch.equal(dict(model.named_parameters())["net.0.weight"], w0["net.0.weight"])
                 raise RuntimeError("boom")
-            return inner(self, model, x, y)
+            return inner(self, model, x, y, crafted)
 
-        monkeypatch.setattr(PGDAT, "loss", exploding)
+        monkeypatch.setattr(PGDAT, "objective", exploding)
     if where == "optimizer":
         monkeypatch.setattr(opt, "step", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):

@@ -118,7 +118,7 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
         run = out / "pgd-at" / f"seed{seed}"
         records = runner.read_records(run)
         best = json.loads((run / "eval-best.json").read_text())
-        assert ("same_weights_as" in best) == (records[-1]["best_epoch"] == records[-1]["epoch"])
+        assert (best.get("same_weights_as") is not None) == (records[-1].best_epoch == records[-1].epoch)
     claim = table["claims"][0]
     assert claim["claim"] == "C1" and claim["verdict"].split(":")[0] in ("holds", "mixed", "does not hold")
     md = (out / "table.md").read_text()

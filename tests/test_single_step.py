@@ -15,6 +15,7 @@ from iat.methods import create_method
 from iat.methods.single_step import alignment_penalty, input_gradient
 from iat.methods.uiat import UniversalPerturbation
 from iat.models import MODELS
+from iat.records import MetricLine
 from iat.training.monitor import co_epochs, co_rule
 from iat.errors import UsageError
 
@@ -249,7 +250,7 @@ def flags(curve):
     best = [max([-1.0] + [pgd for _, pgd in curve[:i]]) for i in range(len(curve))]
     best_fgsm = [max([-1.0] + [fgsm for fgsm, _ in curve[:i]]) for i in range(len(curve))]
     out = [co_rule(fgsm, pgd, b, bf) is not None for (fgsm, pgd), b, bf in zip(curve, best, best_fgsm)]
-    records = [{"epoch": i + 1, "val_fgsm": f, "val_robust": p} for i, (f, p) in enumerate(curve)]
+    records = [MetricLine(epoch=i + 1, val_fgsm=f, val_robust=p) for i, (f, p) in enumerate(curve)]
     assert [e for e, _ in co_epochs(records)] == [i + 1 for i, flag in enumerate(out) if flag]  # same rule
     return out
 

@@ -33,7 +33,7 @@ def _cfg(**speed) -> C.TrainConfig:
     cfg = C.TrainConfig(method="pgd-at", model="cnn", device="cpu", progress=False)
     cfg.data = C.DataConfig(name="synthetic", val_size=32)
     cfg.optim = C.OptimConfig(epochs=1, batch_size=32, lr=0.05, schedule="constant")
-    cfg.threat = C.ThreatConfig(steps=2)
+    cfg.threat = C.ThreatModel(steps=2)
     cfg.val = C.ValConfig(steps=1, n_examples=16, batch_size=16)
     C.update(cfg, {"speed": speed})
     return cfg

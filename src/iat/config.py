@@ -1,8 +1,9 @@
 """Typed run configuration: dataclasses are the single source of truth.
 
-A config file (TOML or JSON, same nesting as the dataclasses) sets values, command-line flags
-override it, and the resolved config is saved with every checkpoint and result. Unknown keys and
-ill-typed values are errors, never silently ignored.
+A config file (TOML or JSON, same nesting as the dataclasses) sets values, command-line flags override
+it (`iat train --help` is generated from these fields: each one's `help`, default and choices), and the
+resolved config is saved with every checkpoint and result. Unknown keys and ill-typed values are errors,
+never silently ignored. The `[threat]` section is the run's one `ThreatModel`.
 """
 from __future__ import annotations
 
@@ -13,150 +14,145 @@ from pathlib import Path
 from typing import Any, Optional, Union, get_type_hints
 
 from .errors import UsageError
-from .values import parse_number
+from .registry import did_you_mean
+from .threat import ThreatModel
+from .values import coerce
+
+AUGMENTS = ("auto", "none", "crop-flip", "crop")
+AMPS = ("none", "bf16", "fp16")
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any = None, flag: Optional[str] = None,
+            factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help line, its choices (a tuple, or the name of a registry: "methods", ...)
+    and the short command-line flag it gets (default: --section-name)."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
 class DataConfig:
-    name: str = "mnist"
-    root: Optional[str] = None          # data root; default $IAT_DATA_DIR or ./data
-    val_size: int = 1000                # held out from the training set for checkpoint selection
-    augment: str = "auto"               # auto (crop+flip for RGB, none for grey) | none | crop-flip | crop
-    download: bool = False
+    name: str = setting("mnist", "data set", choices="datasets", flag="dataset")
+    root: Optional[str] = setting(None, "data root folder; none: $IAT_DATA_DIR, else ./data", flag="data-dir")
+    val_size: int = setting(1000, "training images held out for validation and checkpoint selection", flag="val-size")
+    augment: str = setting("auto", "augmentation (auto: crop+flip for RGB, none for grey)", choices=AUGMENTS,
+                           flag="augment")
+    download: bool = setting(False, "download the data set if it is missing")
 
 
 @dataclasses.dataclass
 class OptimConfig:
-    optimizer: str = "sgd"              # sgd | adam
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "piecewise"         # piecewise | cosine | cyclic | constant
-    milestones: tuple[float, ...] = (0.5, 0.75)   # piecewise: fractions of training where lr *= gamma
-    gamma: float = 0.1
-    peak: float = 0.4                   # cyclic: fraction of training at which lr peaks
-    grad_clip: float = 0.0              # 0 disables
-
-
-@dataclasses.dataclass
-class ThreatConfig:
-    """The training threat model (the method's adversary)."""
-
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    norm: str = "linf"
-    bn_mode: Optional[str] = None       # BatchNorm mode while crafting: train | eval | keep; None: the method's default
-    eps_warmup: float = 0.0             # fraction of training over which eps and step size ramp up from 0
+    optimizer: str = setting("sgd", "optimizer", choices="optimizers", flag="optimizer")
+    epochs: int = setting(10, "training epochs", flag="epochs")
+    batch_size: int = setting(128, "global batch size (split over torchrun processes)", flag="batch-size")
+    lr: float = setting(0.1, "peak learning rate", flag="lr")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "weight decay", flag="weight-decay")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD)")
+    schedule: str = setting("piecewise", "learning-rate schedule, per step", choices="schedules", flag="schedule")
+    milestones: tuple[float, ...] = setting((0.5, 0.75), "piecewise: fractions of training where lr *= gamma")
+    gamma: float = setting(0.1, "piecewise: lr factor at each milestone")
+    peak: float = setting(0.4, "cyclic: fraction of training at which lr peaks")
+    grad_clip: float = setting(0.0, "clip the gradient norm to this (0: off)")
+    eps_warmup: float = setting(0.0, "fraction of training over which eps and step size ramp up from 0 (a per-step "
+                                "scale of the threat model)", flag="eps-warmup")
 
 
 @dataclasses.dataclass
 class ValConfig:
     """Per-epoch validation on the held-out split; the best checkpoint is chosen on robust accuracy."""
 
-    attack: str = "pgd"                 # PGD-10, step eps/4, random start
-    steps: int = 10
-    n_examples: int = 1000
-    batch_size: int = 500
+    attack: str = setting("pgd", "validation attack, in the run's threat model (step eps/4)", choices="attacks",
+                          flag="val-attack")
+    steps: int = setting(10, "steps of the validation attack", flag="val-steps")
+    n_examples: int = setting(1000, "held-out examples scored each epoch", flag="val-examples")
+    batch_size: int = setting(500, "validation batch size")
 
 
 @dataclasses.dataclass
 class SpeedConfig:
     """Opt-in speed options; they change the arithmetic, so they are part of the run's identity."""
 
-    amp: str = "none"                   # none | bf16 | fp16: autocast of training and attack forwards
-    channels_last: bool = False         # NHWC memory format for model and inputs
-    compile: bool = False               # torch.compile the model used for training forwards
+    amp: str = setting("none", "autocast of training and attack forwards", choices=AMPS)
+    channels_last: bool = setting(False, "NHWC memory format for model and inputs")
+    compile: bool = setting(False, "torch.compile the model used for training forwards")
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    method: str = "iat"
-    model: str = "cnn"
-    seed: int = 0
-    device: str = "auto"
-    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    threat: ThreatConfig = dataclasses.field(default_factory=ThreatConfig)
-    val: ValConfig = dataclasses.field(default_factory=ValConfig)
-    speed: SpeedConfig = dataclasses.field(default_factory=SpeedConfig)
-    checkpoint_every_steps: int = 0     # 0: only at the end of each epoch
-    progress: bool = True
+    method: str = setting("iat", "training method", choices="methods", flag="method")
+    model: str = setting("cnn", "architecture", choices="models", flag="model")
+    seed: int = setting(0, "random seed of data order, attacks and weights", flag="seed")
+    device: str = setting("auto", "auto (CUDA if present), cpu, cuda or cuda:N", flag="device")
+    method_options: dict[str, Any] = setting(help="the method's options (-O KEY=VALUE)", factory=dict)
+    data: DataConfig = setting(factory=DataConfig)
+    optim: OptimConfig = setting(factory=OptimConfig)
+    threat: ThreatModel = setting(factory=ThreatModel)
+    val: ValConfig = setting(factory=ValConfig)
+    speed: SpeedConfig = setting(factory=SpeedConfig)
+    checkpoint_every_steps: int = setting(0, "also save the training state every N batches (0: only at the end "
+                                          "of each epoch)", flag="checkpoint-every")
+    progress: bool = setting(True, "progress bars")
 
 
-def _convert(path: str, value: Any, kind: Any) -> Any:
-    """Convert a file or flag value to the declared field type, with a clear error."""
-    args = getattr(kind, "__args__", ())
-    if kind is Any or kind is dict or getattr(kind, "__origin__", None) is dict:
-        if not isinstance(value, dict):
-            raise UsageError(f"config key {path} must be a table of key = value, got {value!r}")
-        return dict(value)
-    if getattr(kind, "__origin__", None) is Union:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        kind = next(a for a in args if a is not type(None))
-    if getattr(kind, "__origin__", None) is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        return tuple(parse_number(v, path) for v in items)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-            return str(value).lower() in ("true", "1", "yes")
-        raise UsageError(f"config key {path} must be true or false, got {value!r}")
-    if kind is int:
-        number = parse_number(value, path)
-        if number != int(number):
-            raise UsageError(f"config key {path} must be an integer, got {value!r}")
-        return int(number)
-    if kind is float:
-        return parse_number(value, path)
-    return str(value)
+# Keys of older configs that moved: a clear pointer instead of "unknown key".
+MOVED = {"threat.bn_mode": "method_options.bn_mode (--bn-mode)", "threat.eps_warmup": "optim.eps_warmup (--eps-warmup)"}
 
 
-def update(cfg: Any, values: dict[str, Any], prefix: str = "") -> None:
-    """Set nested values from a dict (a parsed config file), rejecting unknown keys."""
+def update(cfg: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    """Set nested values from a dict (a parsed config file), rejecting unknown keys; returns cfg.
+
+    Frozen sections (the ThreatModel) are replaced by an updated copy, which checks itself.
+    """
     hints = get_type_hints(type(cfg))
-    names = {f.name for f in dataclasses.fields(cfg)}
+    names = [f.name for f in dataclasses.fields(cfg)]
+    changes = {}
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in names:
-            raise UsageError(f"unknown config key {path!r}; valid keys here: {', '.join(sorted(names))}")
+            if path in MOVED:
+                raise UsageError(f"config key {path} has moved to {MOVED[path]}")
+            raise UsageError(f"unknown config key {path!r}{did_you_mean(key, names)}; valid keys here: "
+                             f"{', '.join(sorted(names))}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise UsageError(f"config key {path} must be a table (section), got {value!r}")
-            update(current, value, prefix=f"{path}.")
+            changes[key] = update(current, value, prefix=f"{path}.")
         else:
-            setattr(cfg, key, _convert(path, value, hints[key]))
+            changes[key] = coerce(value, hints[key], f"config key {path}")
+    if type(cfg).__dataclass_params__.frozen:
+        return dataclasses.replace(cfg, **changes)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
 
 
-def set_path(cfg: Any, dotted: str, value: Any) -> None:
+def set_path(cfg: Any, dotted: str, value: Any) -> Any:
     """Set one dotted key, e.g. set_path(cfg, "optim.lr", "0.05")."""
-    head, _, rest = dotted.partition(".")
-    update(cfg, {head: _nest(rest, value) if rest else value})
+    return update(cfg, nest(dotted, value))
 
 
-def _nest(dotted: str, value: Any) -> dict:
+def nest(dotted: str, value: Any) -> dict:
+    """"a.b.c", v -> {"a": {"b": {"c": v}}}."""
     head, _, rest = dotted.partition(".")
-    return {head: _nest(rest, value) if rest else value}
+    return {head: nest(rest, value) if rest else value}
 
 
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
     """Parse a TOML or JSON config file into a dict; a malformed file is a one-line error."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"config file {path} is a folder; give a .toml or .json file")
     if not path.is_file():
         raise UsageError(f"config file {path} does not exist")
-    text = path.read_text()
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = tomllib.loads(text)
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise UsageError(f"config file {path} is malformed: {err}") from None
     if not isinstance(data, dict):
@@ -169,6 +165,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
-    cfg = TrainConfig()
-    update(cfg, values)
-    return cfg
+    return update(TrainConfig(), values)

@@ -7,11 +7,17 @@ decorator. An unknown name is a UsageError that lists the choices and suggests t
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterable, TypeVar
 
 from .errors import UsageError
 
 T = TypeVar("T")
+
+
+def did_you_mean(name: object, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for the nearest of `choices`, or ''."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class Registry(Generic[T]):
@@ -37,9 +43,7 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def suggest(self, name: object) -> str:
-        """', did you mean X?' for the nearest registered name, or ''."""
-        close = difflib.get_close_matches(str(name), self.names(), n=1, cutoff=0.6)
-        return f" (did you mean {close[0]!r}?)" if close else ""
+        return did_you_mean(name, self.names())
 
     def create(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)

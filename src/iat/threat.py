@@ -121,10 +121,12 @@ class ThreatModel:
     Defaults: l-inf, eps 8/255, step 2/255, 10 steps (PGD-10 of Madry et al. 2018 on CIFAR-10).
     """
 
-    eps: float = dataclasses.field(default=8 / 255, metadata={"help": "radius of the threat ball, pixel units (8/255)"})
-    step_size: float = dataclasses.field(default=2 / 255, metadata={"help": "PGD step size of the training adversary"})
-    steps: int = dataclasses.field(default=10, metadata={"help": "PGD steps of the training adversary"})
-    norm: str = dataclasses.field(default="linf", metadata={"help": "threat ball", "choices": BALLS})
+    eps: float = dataclasses.field(default=8 / 255, metadata={"help": "radius of the threat ball, pixel units",
+                                                              "flag": "eps"})
+    step_size: float = dataclasses.field(default=2 / 255, metadata={"help": "PGD step size of the training adversary",
+                                                                    "flag": "step-size"})
+    steps: int = dataclasses.field(default=10, metadata={"help": "PGD steps of the training adversary", "flag": "steps"})
+    norm: str = dataclasses.field(default="linf", metadata={"help": "threat ball", "choices": "norms", "flag": "norm"})
 
     def __post_init__(self) -> None:
         make_ball(self.norm, self.eps)

@@ -74,6 +74,11 @@ def coerce(value: Any, kind: Any, name: str = "value") -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"{name} must be a table of key = value, got {value!r}")
         return dict(value)
+    if origin is list:
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise UsageError(f"{name} must be a list, got {value!r}")
+        return [coerce(v, args[0] if args else Any, name) for v in items]
     if origin is tuple:
         items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from ..errors import UsageError
+from ..records import atomic_write_bytes
 
 MARKER = ".verified.json"
 
@@ -60,21 +61,19 @@ def gunzip_md5(path: Path, chunk: int = 1 << 20) -> str:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary name beside `path`, renamed onto it only if the block succeeds.
 
-    An interrupted download or write thus never leaves a half file under the real name.
+    An interrupted download or write thus never leaves a half file under the real name; the file is
+    fsynced before the rename, as records.atomic_write_bytes does for whole-buffer writes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
 
 
 def _stamp(path: Path) -> dict[str, int]:
@@ -101,7 +100,7 @@ def mark_verified(path: Path, expected: str) -> None:
     marker[path.name] = {"md5": expected, **_stamp(path)}
     # A read-only data folder only costs a rehash next time, so a failed write is not an error.
     with contextlib.suppress(OSError):
-        atomic_write(path.parent / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(path.parent / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode())
 
 
 def check_md5(path: Path, expected: str | None, hint: str, digest: Callable[[Path], str] = md5_file) -> None:

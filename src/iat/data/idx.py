@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UsageError
-from .files import atomic_write
+from ..records import atomic_write_bytes
 
 _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CODES = {np.dtype(v).newbyteorder("="): k for k, v in _DTYPES.items()}
@@ -52,4 +52,4 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     if code is None:
         raise ValueError(f"IDX cannot store dtype {array.dtype}")
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    atomic_write(path, header + np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes())
+    atomic_write_bytes(path, header + np.ascontiguousarray(array, dtype=_DTYPES[code]).tobytes())

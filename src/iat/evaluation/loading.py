@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 from torch import nn
 
-from ..training.checkpoint import load_checkpoint
-from ..models import create_model
 from ..errors import UsageError
+from ..models import create_model
+from ..training.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     from ..data import DataBundle
@@ -58,11 +58,19 @@ def load_model(path: Union[str, Path], device: Any = "cpu") -> tuple[nn.Module, 
 
 
 def is_pickle(path: Union[str, Path]) -> bool:
-    """True for a PyTorch pickle (`torch.save` output) rather than a safetensors file."""
-    if not Path(path).is_file():
+    """True for a PyTorch pickle (`torch.save` output) rather than a safetensors file.
+
+    A safetensors file starts with its 8-byte little-endian header length and then the JSON header's "{",
+    so a header length whose low byte is 0x80 (one file in 32) is not mistaken for a pickle's 0x80.
+    """
+    path = Path(path)
+    if not path.is_file():
         return False
     with open(path, "rb") as f:
-        return f.read(4).startswith(PICKLE_MAGIC)
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return False
+    return head.startswith(PICKLE_MAGIC)
 
 
 def model_spec_for(model: str, bundle: DataBundle) -> dict[str, Any]:

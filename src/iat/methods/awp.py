@@ -3,23 +3,23 @@ Robust Generalization") as a wrapper around any registered method: `X+awp` train
 weights w + v, where v ascends X's loss inside a ball of relative radius gamma around w.
 
 Per batch, following the reference code (csdongxian/AWP):
-1. X crafts its adversarial input(s) against the model (unperturbed weights);
-2. a proxy copy of the model takes one step of its own SGD (lr `awp_lr`, 0.01) on the NEGATED loss of X
-   on those inputs; for every weight tensor with dim > 1, v = gamma * ||w|| * diff / ||diff||, with
+1. `craft`: X crafts its adversarial input(s) against the model (unperturbed weights);
+2. a proxy copy of the model takes one step of its own SGD (lr `awp_lr`, 0.01) on the NEGATED objective
+   of X on those inputs; for every weight tensor with dim > 1, v = gamma * ||w|| * diff / ||diff||, with
    diff = w_proxy - w (the proxy keeps the model's BatchNorm statistics out of this);
-3. v is added to the model's weights and X's loss is computed there (the crafted inputs are reused);
+3. `objective`: v is added to the model's weights and X's objective is computed there, on the inputs
+   of step 1 (nothing is crafted or computed twice);
 4. the trainer's backward and optimizer step run at w + v, then v is taken off again - in a `finally`
    of `step_context`, so also when the loss, the backward or the optimizer step raises.
 The AWP paper starts the perturbation after 10 of 200 epochs; here it runs from the first step
 (gamma = 0 turns it off). X's options pass through: `create_method("trades+awp", beta=6, gamma=5e-3)`.
-X must craft through `self.attack()` (every method here does) so step 3 can reuse step 1's inputs.
+AWP wraps X by composition (`AWP(inner=X)`); X must split `craft` from `objective` (gradalign cannot).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
@@ -27,7 +27,8 @@ from torch.func import functional_call
 
 from ..attacks import PGD
 from ..errors import UsageError
-from .base import METHODS, Metrics
+from ..threat import ThreatModel
+from .base import METHODS, Crafted, Method, Metrics
 
 Diff = dict[str, torch.Tensor]
 
@@ -67,93 +68,95 @@ class PerturbedView(nn.Module):
         return functional_call(self.model, {n: params[n] + v for n, v in self.diff.items()}, (x,))
 
 
-class _Tape:
-    """The inputs crafted by one loss() call, crafted against `model` and handed back, in order, to the next."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.saved, self.replaying = model, [], False
-
-    def wrap(self, attack: PGD) -> "_Taped":
-        return _Taped(self, attack)
-
-
-class _Taped:
-    """A PGD whose call is recorded (first pass) or replayed (second pass); other attributes delegate."""
-
-    def __init__(self, tape: _Tape, attack: PGD) -> None:
-        self.tape, self.attack = tape, attack
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.attack, name)
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw: Any) -> torch.Tensor:
-        if self.tape.replaying:
-            if not self.tape.saved:
-                raise RuntimeError("AWP: the method crafted more inputs than in its first pass")
-            return self.tape.saved.pop(0)
-        out = self.attack(self.tape.model, x, y, **kw)
-        self.tape.saved.append(out)
-        return out
-
-
-@dataclasses.dataclass
-class AWPMixin:
-    """AWP options, mixed in front of the wrapped method's class (see `with_awp`).
+class AWP(Method):
+    """A method X with adversarial weight perturbation (Wu et al. 2020): X's objective at w + v.
 
     gamma: relative size of the weight perturbation, ||v_l|| = gamma ||w_l|| per layer (5e-3).
     awp_lr: lr of the proxy's SGD step (0.01 as in the reference; it cancels in the normalisation).
+    Every option of X passes through. `inner_class` is X's class; each registered `X+awp` sets it.
     """
 
-    gamma: float = 5e-3
-    awp_lr: float = 0.01
+    inner_class: ClassVar[type[Method]] = Method
+    AWP_OPTIONS: ClassVar[dict[str, Any]] = {"gamma": float, "awp_lr": float}
 
-    def __post_init__(self) -> None:
-        if not self.gamma >= 0:
-            raise UsageError(f"gamma must be >= 0, got {self.gamma}")
-        if not self.awp_lr > 0:
-            raise UsageError(f"awp_lr must be positive, got {self.awp_lr}")
-        post = getattr(super(), "__post_init__", None)
-        if post is not None:
-            post()
+    def __init__(self, inner: Method, gamma: float = 5e-3, awp_lr: float = 0.01) -> None:
+        if not gamma >= 0:
+            raise UsageError(f"gamma must be >= 0, got {gamma}")
+        if not awp_lr > 0:
+            raise UsageError(f"awp_lr must be positive, got {awp_lr}")
+        self.inner, self.gamma, self.awp_lr = inner, gamma, awp_lr
+        self._awp_active: Optional[tuple[nn.Module, ExitStack]] = None
+        self._awp_proxy: Optional[tuple[nn.Module, nn.Module, torch.optim.Optimizer]] = None
 
-    def attack(self, **overrides: Any) -> Any:
-        """The wrapped method's attack, recorded or replayed while AWP runs its two passes."""
-        attack = super().attack(**overrides)
-        tape: Optional[_Tape] = getattr(self, "_awp_tape", None)
-        return attack if tape is None else tape.wrap(attack)
+    # the wrapped method's threat model and options are this method's
+    @property
+    def threat(self) -> ThreatModel:  # type: ignore[override]
+        return self.inner.threat
+
+    @threat.setter
+    def threat(self, value: ThreatModel) -> None:
+        self.inner.threat = value
+
+    @property
+    def bn_mode(self) -> str:  # type: ignore[override]
+        return self.inner.bn_mode
+
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        return {**cls.inner_class.option_types(), **cls.AWP_OPTIONS}
+
+    @classmethod
+    def build(cls, threat: ThreatModel, **options: Any) -> "AWP":
+        own = {k: options.pop(k) for k in cls.AWP_OPTIONS if k in options}
+        return cls(cls.inner_class.build(threat, **options), **own)
+
+    def options(self) -> dict[str, Any]:
+        return {**self.inner.options(), "gamma": self.gamma, "awp_lr": self.awp_lr}
+
+    def attack(self, **overrides: Any) -> PGD:
+        return self.inner.attack(**overrides)
+
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """X's inputs, crafted against the unperturbed weights w."""
+        return self.inner.craft(model, x, y)
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """X's objective at w + v, on the inputs crafted at w."""
+        if self.gamma == 0:
+            return self.inner.objective(model, x, y, crafted)
+        diff = self.weight_perturbation(model, x, y, crafted)
+        active = self._awp_active
+        # In the trainer's step_context the weights are perturbed in place until after the optimizer
+        # step (as in the reference); a bare call (tests) has nobody to restore them, so uses a view.
+        if active is not None and active[0] is model:
+            active[1].enter_context(perturbed_weights(model, diff))
+            return self.inner.objective(model, x, y, crafted)
+        return self.inner.objective(PerturbedView(model, diff), x, y, crafted)
 
     @contextmanager
     def step_context(self, model: nn.Module) -> Iterator[None]:
-        """Holds the weight perturbation that loss() applies, and always takes it off on exit."""
-        with super().step_context(model), ExitStack() as stack:
+        """Holds the weight perturbation that objective() applies, and always takes it off on exit."""
+        with self.inner.step_context(model), ExitStack() as stack:
             self._awp_active = (model, stack)
             try:
                 yield
             finally:
                 self._awp_active = None
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        if self.gamma == 0:
-            return super().loss(model, x, y)
-        tape = _Tape(model)
-        self._awp_tape = tape
-        try:
-            diff = self.weight_perturbation(model, x, y)
-            tape.replaying = True
-            active = getattr(self, "_awp_active", None)
-            # In the trainer's step_context the weights are perturbed in place until after the optimizer
-            # step (as in the reference); a bare call (tests) has nobody to restore them, so uses a view.
-            if active is not None and active[0] is model:
-                active[1].enter_context(perturbed_weights(model, diff))
-                return super().loss(model, x, y)
-            return super().loss(PerturbedView(model, diff), x, y)
-        finally:
-            self._awp_tape = None
+    def after_backward(self, model: nn.Module) -> None:
+        self.inner.after_backward(model)
 
-    def weight_perturbation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Diff:
-        """v: one SGD step of the proxy on the negated loss, scaled per weight tensor to gamma * ||w||."""
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+    def weight_perturbation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, crafted: Crafted) -> Diff:
+        """v: one SGD step of the proxy on the negated objective, scaled per weight tensor to gamma * ||w||."""
         proxy, optimizer = self._proxy(model)
-        loss, _ = super().loss(proxy, x, y)
+        loss, _ = self.inner.objective(proxy, x, y, crafted)
         optimizer.zero_grad(set_to_none=True)
         (-loss).backward()
         optimizer.step()
@@ -168,28 +171,30 @@ class AWPMixin:
 
     def _proxy(self, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
         """A copy of the model with its own optimizer, made once and re-synced with the model every batch."""
-        held = getattr(self, "_awp_proxy", None)
+        held = self._awp_proxy
         if held is None or held[0] is not model:
             proxy = copy.deepcopy(model)
             held = (model, proxy, torch.optim.SGD(proxy.parameters(), lr=self.awp_lr))
-            self._awp_proxy = held  # not a field: options() and asdict() skip it
+            self._awp_proxy = held
         _, proxy, optimizer = held
         proxy.load_state_dict(model.state_dict())
         proxy.train(model.training)
         return proxy, optimizer
 
-
-def with_awp(cls: type) -> type:
-    """The class `cls` with AWP in front: all of cls's options plus gamma and awp_lr."""
-    doc = f"{cls.__name__} + adversarial weight perturbation (Wu et al. 2020). {AWPMixin.__doc__}"
-    new = type(f"{cls.__name__}AWP", (AWPMixin, cls), {"__doc__": doc, "__module__": __name__})
-    return dataclasses.dataclass(new)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(inner={self.inner!r}, gamma={self.gamma}, awp_lr={self.awp_lr})"
 
 
-def register_awp(name: str) -> type:
+def register_awp(name: str) -> type[AWP]:
     """Register `name+awp` for an already registered method."""
-    cls = with_awp(METHODS.get(name))
-    return METHODS.register(f"{name}+awp", help=f"{name} with adversarial weight perturbation, gamma 5e-3 (Wu et al. 2020)")(cls)
+    inner = METHODS.get(name)
+
+    class Recipe(AWP):
+        __doc__ = f"{inner.__name__} + adversarial weight perturbation (Wu et al. 2020). {AWP.__doc__}"
+        inner_class = inner
+
+    Recipe.__name__ = Recipe.__qualname__ = f"{inner.__name__}AWP"
+    return METHODS.register(f"{name}+awp", help=f"{name} with adversarial weight perturbation, gamma 5e-3 (Wu et al. 2020)")(Recipe)
 
 
 for _name in ("pgd-at", "trades", "iat"):

@@ -1,8 +1,16 @@
-"""Training methods compute losses only: `method.loss(model, x, y) -> (loss, metrics)`.
+"""Training methods compute losses only, in two parts: `craft` the inputs, then the `objective` on them.
+
+    crafted = method.craft(model, x, y)                     # x', x~, ... (detached inputs)
+    loss, metrics = method.objective(model, x, y, crafted)  # differentiable in the weights
+    loss, metrics = method.loss(model, x, y)                # the two in one call
 
 Only the training loop touches the optimizer, scheduler, scaler and checkpoints. A method is a typed
 dataclass whose fields are its options; `create_method` checks option names and types so a typo in a
-config fails loudly, and `options()` is what results files record.
+config fails loudly, and `options()` is what results files record. The threat model (eps, step size,
+steps, norm) is not an option: it is the run's one `ThreatModel`, handed in as `threat` and read by
+every attack the method builds, so the method, the validation attack and the evaluator cannot disagree.
+Splitting crafting from the objective lets AWP evaluate the objective at perturbed weights on inputs
+crafted at the model's own weights.
 """
 from __future__ import annotations
 
@@ -15,29 +23,39 @@ from torch import nn
 
 from ..attacks import PGD
 from ..errors import UsageError
-from ..registry import Registry
-from ..values import parse_number
+from ..registry import Registry, did_you_mean
+from ..threat import ThreatModel
+from ..values import coerce
 
 Metrics = dict[str, torch.Tensor]
+Crafted = dict[str, torch.Tensor]   # the method's crafted inputs, by name: "x_adv", "x_inv", ...
+THREAT_KEYS = tuple(f.name for f in dataclasses.fields(ThreatModel))
 
 
 @dataclasses.dataclass
 class Method:
-    """Base: the threat model every method trains against (l-inf eps 8/255, PGD-10, step 2/255)."""
+    """Base of every recipe. threat: the run's threat model (l-inf eps 8/255, PGD-10, step 2/255).
+    bn_mode: BatchNorm mode while crafting ("train" | "eval" | "keep")."""
 
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    norm: str = "linf"
+    threat: ThreatModel = dataclasses.field(default_factory=ThreatModel, repr=False, metadata={"option": False})
     bn_mode: str = "train"
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """The inputs the objective needs, crafted against `model` (detached; no weight gradients)."""
+        return {}
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """The training loss on the crafted inputs (its graph reaches the weights) and detached metrics."""
         raise NotImplementedError
 
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        return self.objective(model, x, y, self.craft(model, x, y))
+
     def attack(self, **overrides: Any) -> PGD:
-        """The method's adversary: PGD ascent on CE with its threat model; overrides change presets."""
-        kw = dict(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
-                  bn_mode=self.bn_mode)
+        """The method's adversary: PGD ascent on CE in its threat model; overrides change presets."""
+        t = self.threat
+        kw = dict(eps=t.eps, step_size=t.step_size, steps=t.steps, norm=t.norm, bn_mode=self.bn_mode)
         kw.update(overrides)
         return PGD(**kw)
 
@@ -57,45 +75,48 @@ class Method:
         if state:
             raise UsageError(f"method {type(self).__name__} has no state, but the checkpoint holds {sorted(state)}")
 
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        """Option name -> declared type (every init field but the threat model)."""
+        hints = get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+                if f.init and f.metadata.get("option", True)}
+
+    @classmethod
+    def build(cls, threat: ThreatModel, **options: Any) -> "Method":
+        """An instance from already coerced options."""
+        return cls(threat=threat, **options)
+
     def options(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What results files record: every option as resolved (the threat model is recorded once, by the run)."""
+        return {name: getattr(self, name) for name in self.option_types()}
 
 
-METHODS: Registry[Method] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method")
 
 
-def _coerce(name: str, value: Any, kind: Any) -> Any:
-    """Convert a config or command-line value to the option's declared type."""
-    kinds = set(getattr(kind, "__args__", (kind,)))
-    if value is None and type(None) in kinds:
-        return None
-    if bool in kinds:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes", "false", "0", "no"):
-            return str(value).lower() in ("true", "1", "yes")
-        raise UsageError(f"method option {name} must be true or false, got {value!r}")
-    if int in kinds and float not in kinds:
-        if isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
-            return int(value)
-        raise UsageError(f"method option {name} must be an integer, got {value!r}")
-    if float in kinds:
-        return parse_number(value, f"method option {name}")
-    return str(value)
+def create_method(name: str, threat: Optional[ThreatModel] = None, **options: Any) -> Method:
+    """Build a registered method, checking option names and converting values to their types.
 
-
-def create_method(name: str, **options: Any) -> Method:
-    """Build a registered method, checking option names and converting values to their types."""
+    The threat model comes as `threat`, or (for a quick start in Python) as eps / step_size / steps / norm
+    keywords, which build one; giving both is an error, so the two can never disagree.
+    """
     cls = METHODS.get(name)
-    hints = get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(options) - fields)
+    given = {k: options.pop(k) for k in THREAT_KEYS if k in options}
+    if given and threat is not None:
+        key = next(iter(given))
+        raise UsageError(f"{key} is part of the threat model, not an option of method {name!r}: set it once, "
+                         f"with --{key.replace('_', '-')} (config key threat.{key})")
+    if threat is None:
+        hints = get_type_hints(ThreatModel)
+        threat = ThreatModel(**{k: coerce(v, hints[k], k) for k, v in given.items()})
+    types = cls.option_types()
+    unknown = sorted(set(options) - set(types))
     if unknown:
-        raise UsageError(
-            f"method {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(fields))}"
-        )
-    kw = {k: _coerce(k, v, hints[k]) for k, v in options.items()}
-    return cls(**kw)
+        raise UsageError(f"method {name!r} has no option {', '.join(unknown)}"
+                         f"{did_you_mean(unknown[0], types)}; its options are: {', '.join(sorted(types))}")
+    kw = {k: coerce(v, types[k], f"method option {k}") for k, v in options.items()}
+    return cls.build(threat, **kw)
 
 
 def mean_acc(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

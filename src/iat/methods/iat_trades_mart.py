@@ -5,7 +5,8 @@
 
 The host method is unchanged except that x~ (the inverse adversary, from `InverseAnchor`) replaces the
 natural x as the anchor: x' is crafted exactly as by the host (TRADES: against KL(p(x) || p(x')); MART:
-against CE), with its small start and BatchNorm mode. The same open choices as `iat` are options:
+against CE), with its small start and BatchNorm mode; x~ is crafted right after it, before the training
+forward passes (so both see the same BatchNorm statistics). The same open choices as `iat` are options:
 kl_direction ("inv||adv" here, since the host's KL puts the anchor first; or "adv||inv"),
 detach_inverse, inverse_loss ("ce" | "ce+kl"), eps_inv / step_size_inv / steps_inv.
 """
@@ -19,7 +20,7 @@ from torch import nn
 
 from ..attacks import kl_div
 from ..errors import UsageError
-from .base import METHODS, Method, Metrics, mean_acc
+from .base import METHODS, Crafted, Method, Metrics, mean_acc
 from .iat import KL_DIRECTIONS, InverseAnchor
 from .mart import boosted_ce, true_prob
 from .trades import SmallStart, Terms
@@ -63,10 +64,8 @@ class InverseConsistency(InverseAnchor):
         if self.kl_direction not in KL_DIRECTIONS:
             raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {self.kl_direction!r}")
 
-    def inverse_logits(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       logits_adv: torch.Tensor) -> torch.Tensor:
+    def inverse_logits(self, model: nn.Module, x_inv: torch.Tensor) -> torch.Tensor:
         """f(x~); with detach_inverse the inverse branch is a fixed teacher (no gradient)."""
-        x_inv = self.inverse_example(model, x, y, logits_adv)
         if self.detach_inverse:
             with torch.no_grad():
                 return model(x_inv)
@@ -86,10 +85,14 @@ class IATTrades(InverseConsistency, SmallStart, Method):
     bn_mode: str = "eval"
     beta: float = 6.0
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
         x_adv = self.trades_example(model, x, y)
-        logits_nat, logits_adv = model(x), model(x_adv)
-        logits_inv = self.inverse_logits(model, x, y, logits_adv)
+        return {"x_adv": x_adv, "x_inv": self.inverse_example(model, x, y, x_adv)}
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        logits_nat, logits_adv = model(x), model(crafted["x_adv"])
+        logits_inv = self.inverse_logits(model, crafted["x_inv"])
         loss, terms = iat_trades_objective(logits_nat, logits_adv, logits_inv, y, self.beta, self.kl_direction)
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                       "acc": mean_acc(logits_nat, y), "acc_adv": mean_acc(logits_adv, y),
@@ -108,10 +111,14 @@ class IATMart(InverseConsistency, SmallStart, Method):
     bn_mode: str = "eval"
     beta: float = 5.0
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
         x_adv = self.small_start()(model, x, y)
-        logits_adv = model(x_adv)
-        logits_inv = self.inverse_logits(model, x, y, logits_adv)
+        return {"x_adv": x_adv, "x_inv": self.inverse_example(model, x, y, x_adv)}
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        logits_adv = model(crafted["x_adv"])
+        logits_inv = self.inverse_logits(model, crafted["x_inv"])
         loss, terms = iat_mart_objective(logits_adv, logits_inv, y, self.beta, self.kl_direction)
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                       "acc_adv": mean_acc(logits_adv, y), "acc_inv": mean_acc(logits_inv, y)}

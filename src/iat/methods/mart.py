@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import kl_div
-from .base import METHODS, Method, Metrics, mean_acc
+from .base import METHODS, Crafted, Method, Metrics, mean_acc
 from .trades import SmallStart, Terms
 
 
@@ -55,7 +55,8 @@ class MART(SmallStart, Method):
 
     beta: weight of the misclassification-aware KL term (5, the paper's ResNet-18 setting).
     init_radius: the small random start (0.001, pixel units). bn_mode: BatchNorm mode while
-    crafting ("eval" as in the MART code). eps / step_size / steps: the adversary (8/255, 2/255, 10).
+    crafting ("eval" as in the MART code).
+    The adversary runs in the threat model (8/255, 2/255, 10 by default).
     """
 
     bn_mode: str = "eval"
@@ -64,9 +65,12 @@ class MART(SmallStart, Method):
     def __post_init__(self) -> None:
         self.check_start()
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        x_adv = self.small_start()(model, x, y)
-        logits_nat, logits_adv = model(x), model(x_adv)
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        return {"x_adv": self.small_start()(model, x, y)}
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        logits_nat, logits_adv = model(x), model(crafted["x_adv"])
         loss, terms = mart_objective(logits_nat, logits_adv, y, self.beta)
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                       "acc": mean_acc(logits_nat, y), "acc_adv": mean_acc(logits_adv, y)}

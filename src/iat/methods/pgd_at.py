@@ -1,4 +1,4 @@
-"""Standard training and PGD adversarial training (Madry et al. 2018)."""
+"""PGD adversarial training (Madry et al. 2018) and its no-attack limit, standard training."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,15 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import METHODS, Method, Metrics, mean_acc
+from .base import METHODS, Crafted, Method, Metrics, mean_acc
 
 
 @METHODS.register("standard", help="natural training on clean inputs, no attack")
 @dataclasses.dataclass
 class Standard(Method):
-    """Empirical risk minimisation: CE(f(x), y)."""
+    """Empirical risk minimisation: CE(f(x), y). Crafts nothing."""
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc": mean_acc(logits, y)}
@@ -26,11 +27,14 @@ class Standard(Method):
 class PGDAT(Method):
     """Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
 
-    L = CE(f(x'), y) with x' from PGD-`steps` (l-inf eps, step_size, random start).
+    L = CE(f(x'), y) with x' from PGD-`steps` of the threat model (random start, step_size).
     """
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        x_adv = self.attack()(model, x, y)
-        logits = model(x_adv)
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        return {"x_adv": self.attack()(model, x, y)}
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        logits = model(crafted["x_adv"])
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc_adv": mean_acc(logits, y)}

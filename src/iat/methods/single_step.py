@@ -23,7 +23,7 @@ from torch import nn
 
 from ..attacks import PGD
 from ..errors import UsageError
-from .base import METHODS, Metrics, mean_acc
+from .base import METHODS, Crafted, Metrics, mean_acc
 from .pgd_at import PGDAT
 
 # Recipes whose adversary can host the universal inverse perturbation (uiat-fgsm).
@@ -52,7 +52,7 @@ class SingleStep(PGDAT):
 
     def attack(self, **overrides: Any) -> PGD:
         """The one-step adversary; the step is step_scale * eps (eps may be ramped by the trainer)."""
-        kw = dict(steps=1, step_size=self.step_scale * self.eps, random_start=self.random_start,
+        kw = dict(steps=1, step_size=self.step_scale * self.threat.eps, random_start=self.random_start,
                   init_scale=self.init_scale, project=self.project)
         kw.update(overrides)
         return super().attack(**kw)
@@ -124,7 +124,12 @@ class GradAlign(SingleStep):
     step_scale: float = 1.0
     align_lambda: float = 0.2
 
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        raise NotImplementedError("gradalign's regulariser differentiates through the gradient that crafts x', "
+                                  "so crafting and objective are one step: call loss()")
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """Crafting and objective in one (the FGSM gradient g1 is also the regulariser's, with its graph)."""
         fgsm = self.attack()
         delta0 = fgsm.init_delta(x)
         g1 = input_gradient(model, x + delta0, y, create_graph=True)

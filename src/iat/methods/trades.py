@@ -17,7 +17,7 @@ from torch import nn
 
 from ..attacks import PGD, crafting_mode, kl_div
 from ..errors import UsageError
-from .base import METHODS, Method, Metrics, mean_acc
+from .base import METHODS, Crafted, Method, Metrics, mean_acc
 
 Terms = dict[str, torch.Tensor]
 
@@ -40,7 +40,7 @@ class SmallStart:
 
     def small_start(self, **overrides: Any) -> PGD:
         """The method's PGD with the small start; the radius is absolute, so it survives eps warm-up."""
-        eps = overrides.get("eps", self.eps)
+        eps = overrides.get("eps", self.threat.eps)
         scale = min(1.0, self.init_radius / eps) if eps > 0 else 0.0
         return self.attack(random_start=self.init_radius > 0, init_scale=scale, **overrides)
 
@@ -66,7 +66,7 @@ class TRADES(SmallStart, Method):
 
     beta: weight of the KL term (6). init_radius: the small random start (0.001, pixel units).
     bn_mode: BatchNorm mode while crafting ("eval" as in the TRADES code; "train" | "keep").
-    eps / step_size / steps: the inner maximisation (8/255, 2/255, 10).
+    The inner maximisation runs in the threat model (8/255, 2/255, 10 by default).
     """
 
     bn_mode: str = "eval"
@@ -75,9 +75,12 @@ class TRADES(SmallStart, Method):
     def __post_init__(self) -> None:
         self.check_start()
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        x_adv = self.trades_example(model, x, y)
-        logits_nat, logits_adv = model(x), model(x_adv)
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        return {"x_adv": self.trades_example(model, x, y)}
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        logits_nat, logits_adv = model(x), model(crafted["x_adv"])
         loss, terms = trades_objective(logits_nat, logits_adv, y, self.beta)
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},
                       "acc": mean_acc(logits_nat, y), "acc_adv": mean_acc(logits_adv, y)}

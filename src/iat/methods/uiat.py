@@ -21,7 +21,7 @@ from torch import nn
 from ..attacks import PGD, crafting_mode, kl_div
 from ..training.distributed import all_reduce_
 from ..errors import UsageError
-from .base import METHODS, Method, Metrics, mean_acc, resolve
+from .base import METHODS, Crafted, Method, Metrics, mean_acc, resolve
 from .single_step import HOSTS
 
 INVERSE_GRADS = ("ce", "kl")
@@ -116,7 +116,7 @@ class UIATFGSM(Method):
             raise UsageError(f"inverse_grad must be one of {INVERSE_GRADS}, got {self.inverse_grad!r}")
         if self.inverse_grad == "kl" and self.detach_inverse:
             raise UsageError("inverse_grad 'kl' needs the gradient through p(x~); it cannot be used with detach_inverse")
-        if self.norm != "linf":
+        if self.threat.norm != "linf":
             raise UsageError("uiat-fgsm's universal perturbation is l-inf only")
         if not 0 <= self.mu < 1:
             raise UsageError(f"mu (momentum of the universal perturbation) must be in [0, 1), got {self.mu}")
@@ -127,12 +127,17 @@ class UIATFGSM(Method):
 
     def attack(self, **overrides) -> PGD:
         """The host recipe's single-step adversary with this method's threat model."""
-        host = METHODS.get(self.host)(eps=self.eps, norm=self.norm, bn_mode=self.bn_mode)
+        host = METHODS.get(self.host)(threat=self.threat, bn_mode=self.bn_mode)
         return host.attack(**overrides)
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        x_adv = self.attack()(model, x, y)
-        logits_adv = model(x_adv)
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """x' from the host; x~ = x + U[y] costs nothing to craft and is made in the objective (U needs the
+        model's output width on the first batch)."""
+        return {"x_adv": self.attack()(model, x, y)}
+
+    def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        logits_adv = model(crafted["x_adv"])
         width = logits_adv.shape[1]
         if self.num_classes is not None and self.num_classes != width:
             raise UsageError(f"num_classes is {self.num_classes} but the model outputs {width} logits")
@@ -167,7 +172,7 @@ class UIATFGSM(Method):
         self._pending = None
         if self.inverse_grad == "kl":
             grad = grad.grad if grad.grad is not None else torch.zeros_like(grad)
-        eps_inv = resolve(self.eps_inv, self.eps)
+        eps_inv = resolve(self.eps_inv, self.threat.eps)
         stats = all_reduce_(self.universal.class_stats(grad, y))  # DDP: every rank takes the same step on U
         self.universal.apply(stats, resolve(self.step_size_inv, eps_inv / 4), self.mu, eps_inv)
 

@@ -1,10 +1,13 @@
-"""Rendering one evaluation result (the dict `iat eval` writes as JSON) as a terminal table, Markdown and CSV,
-with the protocol written next to every number."""
+"""One evaluation record (what `iat eval` writes as JSON) as a terminal table, Markdown and CSV, with the
+protocol written next to every number, and the files written side by side."""
 from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Any, Mapping
+
+from ..records import EvalRecord, atomic_write_text, write_eval
 
 LOSS_NAMES = {"ce": "cross-entropy", "cw": "CW margin", "kl": "KL"}
 CSV_FIELDS = ["attack", "accuracy", "correct", "total", "attacked", "counted", "eps", "norm", "steps", "step_size",
@@ -53,37 +56,37 @@ def format_checks(checks: list[Mapping[str, Any]]) -> str:
     return "\n".join(f"{c['status'].upper():<5} {c['name']}: {c['message']}" for c in checks)
 
 
-def _header(result: Mapping[str, Any]) -> list[str]:
-    d, t = result["data"], result["threat"]
-    return [f"- checkpoint: `{result['checkpoint']}` ({result.get('checkpoint_kind') or 'file'}, "
-            f"epoch {result.get('checkpoint_epoch')})",
-            f"- model: {result['model'].get('name')}; training method: {result['method'].get('name')}",
+def _header(result: EvalRecord) -> list[str]:
+    d, t = result.data, result.threat
+    return [f"- checkpoint: `{result.checkpoint}` ({result.checkpoint_kind or 'file'}, "
+            f"epoch {result.checkpoint_epoch})",
+            f"- model: {result.model.get('name')}; training method: {result.method.get('name')}",
             f"- data: {d['source']}, {d['split']} split, first {d['n_examples']} examples",
             f"- threat model: {t['norm']}, eps {fmt_eps(t['eps'])}; images in [0, 1]",
-            f"- mode: {result['mode']} ({MODE_TEXT[result['mode']]})",
-            f"- seed {result['seed']}, device {result['device']}, torch {result.get('torch')}, "
-            f"{result['seconds']:.0f} s"]
+            f"- mode: {result.mode} ({MODE_TEXT[result.mode]})",
+            f"- seed {result.seed}, device {result.device}, torch {result.torch}, "
+            f"{result.seconds:.0f} s"]
 
 
 MODE_TEXT = {"each": "every attack runs on every naturally correct example; worst case per example",
              "cumulative": "each attack runs only on examples every earlier attack failed on; columns are cumulative"}
 
 
-def to_markdown(result: Mapping[str, Any]) -> str:
+def to_markdown(result: EvalRecord) -> str:
     lines = ["# Robustness evaluation", "", *_header(result), "",
              "| attack | accuracy | correct / n | protocol |", "|---|---:|---:|---|"]
-    for r in result["results"]:
+    for r in result.results:
         lines.append(f"| {r['attack']} | {r['accuracy']:.2%} | {r['correct']} / {r['total']} | "
                      f"{protocol_text(r['protocol'])} |")
-    for name, diag in (result.get("diagnostics") or {}).items():
+    for name, diag in (result.diagnostics or {}).items():
         broken = ", ".join(f"{k} {v}" for k, v in diag.get("broken_by", {}).items())
         lines += ["", f"{name}: examples broken by each component (each runs on the survivors of the ones "
                   f"before it): {broken or 'none'}."]
     lines += ["", "Every adversarial example was verified (inside the eps-ball, inside [0, 1], finite) before it "
               "counted; accuracy is counted over examples.", "", "## Sanity checks", "",
               "| check | status | what it means |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {c['status']} | {c['message']} |" for c in result.get("sanity", [])]
-    sweep = result.get("eps_sweep")
+    lines += [f"| {c['name']} | {c['status']} | {c['message']} |" for c in result.sanity]
+    sweep = result.eps_sweep
     if sweep:
         lines += ["", f"## Accuracy against eps ({sweep['attack']}, {sweep['norm']})", "",
                   "| eps | accuracy | correct / n |", "|---:|---:|---:|"]
@@ -94,20 +97,44 @@ def to_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_csv(result: Mapping[str, Any]) -> str:
+def to_csv(result: EvalRecord) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
-    for r in result["results"]:
+    for r in result.results:
         p = r["protocol"]
         writer.writerow({
             "attack": r["attack"], "accuracy": f"{r['accuracy']:.6f}", "correct": r["correct"], "total": r["total"],
             "attacked": r.get("attacked", ""), "counted": r.get("counted", ""), "eps": p.get("eps", ""),
             "norm": p.get("norm", ""), "steps": p.get("steps", ""), "step_size": p.get("step_size", ""),
             "restarts": p.get("restarts", ""), "loss": p.get("loss", ""), "random_start": p.get("random_start", ""),
-            "protocol": protocol_text(p), "checkpoint": result["checkpoint"],
-            "checkpoint_kind": result.get("checkpoint_kind") or "", "checkpoint_epoch": result.get("checkpoint_epoch"),
-            "dataset": result["data"]["name"], "split": result["data"]["split"], "seed": result["seed"],
-            "mode": result["mode"],
+            "protocol": protocol_text(p), "checkpoint": result.checkpoint,
+            "checkpoint_kind": result.checkpoint_kind or "", "checkpoint_epoch": result.checkpoint_epoch,
+            "dataset": result.data["name"], "split": result.data["split"], "seed": result.seed,
+            "mode": result.mode,
         })
     return buf.getvalue()
+
+
+def output_paths(out: Path) -> dict[str, Path]:
+    stem = out.with_suffix("")
+    return {"json": out, "csv": out.with_suffix(".csv"), "md": out.with_suffix(".md"),
+            "png": stem.with_name(stem.name + "-eps-sweep.png")}
+
+
+def write_eval_files(result: EvalRecord, out: Path) -> list[Path]:
+    """JSON, CSV and Markdown (and the eps-sweep PNG) side by side; returns the paths written."""
+    paths = output_paths(out)
+    written = []
+    if result.eps_sweep:
+        from .plots import plot_eps_sweep
+
+        sweep, t = result.eps_sweep, result.threat
+        title = (f"{sweep['attack']} ({sweep['norm']}) on {result.data['name']}, "
+                 f"{result.data['n_examples']} test examples, seed {result.seed}")
+        written.append(plot_eps_sweep(sweep["points"], paths["png"], title=title, train_eps=t["eps"]))
+        sweep["plot"], sweep["plot_name"] = str(paths["png"]), paths["png"].name
+    write_eval(paths["json"], result)
+    atomic_write_text(paths["csv"], to_csv(result))
+    atomic_write_text(paths["md"], to_markdown(result))
+    return [paths["json"], paths["csv"], paths["md"], *written]

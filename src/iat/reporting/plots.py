@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from ..training.checkpoint import atomic_write_bytes
+from ..records import MetricLine, atomic_write_bytes
 from ..errors import UsageError
 from .eval_tables import fmt_eps
 
@@ -58,18 +58,18 @@ def plot_eps_sweep(points: Sequence[Mapping[str, Any]], path: Union[str, Path], 
     return _save(fig, path)
 
 
-def plot_training_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Union[str, Path], *,
+def plot_training_curves(runs: Mapping[str, Sequence[MetricLine]], path: Union[str, Path], *,
                          robust_label: str = "val robust") -> Path:
     """Per run (label -> metrics.jsonl records): val natural accuracy, val robust accuracy, train loss per
     epoch; the best checkpoint's epoch is marked with a star."""
     fig, axes = _figure(3)
-    panels = [("val natural accuracy (%)", lambda r: 100 * r["val_natural"]),
-              (f"{robust_label} accuracy (%)", lambda r: 100 * r["val_robust"]),
-              ("train loss", lambda r: r["train"]["loss"])]
+    panels = [("val natural accuracy (%)", lambda r: 100 * r.val_natural),
+              (f"{robust_label} accuracy (%)", lambda r: 100 * r.val_robust),
+              ("train loss", lambda r: r.train["loss"])]
     for i, (label, records) in enumerate(runs.items()):
-        best = records[-1].get("best_epoch") if records else None
+        best = records[-1].best_epoch if records else None
         for ax, (_, value) in zip(axes, panels):
-            points = [(r["epoch"], _value(value, r)) for r in records]
+            points = [(r.epoch, _value(value, r)) for r in records]
             points = [(e, v) for e, v in points if v is not None]
             xs, ys = [e for e, _ in points], [v for _, v in points]
             ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=f"C{i}", label=label, markersize=3)
@@ -91,14 +91,14 @@ def _epoch_axes(axes: Sequence[Any], titles: Sequence[str], legend_size: int) ->
     axes[0].legend(fontsize=legend_size)
 
 
-def _value(get: Any, record: Mapping[str, Any]) -> float | None:
+def _value(get: Any, record: MetricLine) -> float | None:
     try:
         return float(get(record))
     except (KeyError, TypeError, ValueError):
         return None
 
 
-def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]], path: Union[str, Path], *,
+def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[MetricLine]]], path: Union[str, Path], *,
                      title: str = "") -> Path:
     """Per cell (name -> seed -> metrics.jsonl records): validation natural, PGD and FGSM accuracy per epoch,
     the mean over seeds as a line and the range over seeds as a band."""
@@ -110,8 +110,8 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]
             by_epoch: dict[int, list[float]] = {}
             for records in seeds.values():
                 for r in records:
-                    if r.get(key) is not None:
-                        by_epoch.setdefault(r["epoch"], []).append(100 * float(r[key]))
+                    if getattr(r, key) is not None:
+                        by_epoch.setdefault(r.epoch, []).append(100 * float(getattr(r, key)))
             xs = sorted(by_epoch)
             if not xs:
                 continue

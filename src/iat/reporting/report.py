@@ -10,8 +10,8 @@ marked with *.
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -19,60 +19,53 @@ from typing import Any, Optional
 
 import torch
 
-from ..training.checkpoint import atomic_write_text
-from ..evaluation.accuracy import unpack_flags
+from ..config import setting
 from ..errors import UsageError
+from ..evaluation.accuracy import unpack_flags
+from ..records import EvalRecord, RunRecord, atomic_write_text, read_metrics, read_run, try_read_eval
 from .eval_tables import fmt_eps, protocol_text
+from .plots import plot_training_curves, require_matplotlib
 
 KINDS = ("best", "last")
 COLUMN_ORDER = ["natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
 
 
-def read_metrics(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_evals(run: Path) -> dict[str, list[dict[str, Any]]]:
-    """checkpoint kind -> results of its eval-*.json files, oldest first."""
-    out: dict[str, list[dict[str, Any]]] = {}
+def read_evals(run: Path) -> dict[str, list[tuple[str, EvalRecord]]]:
+    """checkpoint kind -> (file name, record) of its eval-*.json files, oldest first (unreadable ones skipped)."""
+    out: dict[str, list[tuple[str, EvalRecord]]] = {}
     for path in sorted(run.glob("eval-*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
-        try:
-            result = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(result, dict) and result.get("checkpoint_kind") in KINDS and "results" in result:
-            result["_file"] = path.name
-            out.setdefault(result["checkpoint_kind"], []).append(result)
+        result = try_read_eval(path)
+        if result is not None and result.checkpoint_kind in KINDS:
+            out.setdefault(result.checkpoint_kind, []).append((path.name, result))
     return out
 
 
-def _key(result: dict[str, Any]) -> tuple:
-    t, d = result["threat"], result["data"]
-    return (result.get("checkpoint_epoch"), t["norm"], round(float(t["eps"]), 9), d["name"], d["n_examples"])
+def _key(result: EvalRecord) -> tuple:
+    t, d = result.threat, result.data
+    return (result.checkpoint_epoch, t["norm"], round(float(t["eps"]), 9), d["name"], d["n_examples"])
 
 
-def merge_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge one checkpoint's evals that share the newest one's epoch, threat and examples."""
-    newest = results[-1]
+def merge_evals(files: list[tuple[str, EvalRecord]]) -> dict[str, Any]:
+    """Merge one checkpoint's evals (file name, record) that share the newest one's epoch, threat and examples."""
+    newest = files[-1][1]
+    names = {id(r): name for name, r in files}
+    results = [r for _, r in files]
     same = [r for r in results if _key(r) == _key(newest)]
     rows: dict[str, dict[str, Any]] = {}
     for r in same:  # a cumulative column is not its attack's own accuracy: it only feeds the worst case
-        rows.update({row["attack"]: row for row in r["results"]
+        rows.update({row["attack"]: row for row in r.results
                      if row["attack"] != "worst case" and row.get("counted", "own") in ("own", "natural")})
-    n = newest["data"]["n_examples"]
-    flags = [r.get("per_example", {}).get("worst_case") for r in same]
+    n = newest.data["n_examples"]
+    flags = [r.per_example.get("worst_case") for r in same]
     if all(flags):
         worst = torch.stack([unpack_flags(f, n) for f in flags]).all(0)
         worst_correct, exact = int(worst.sum()), True
     else:
-        worst_correct = min(row["correct"] for r in same for row in r["results"] if row["attack"] == "worst case")
+        worst_correct = min(row["correct"] for r in same for row in r.results if row["attack"] == "worst case")
         exact = len(same) == 1
     return {"rows": rows, "worst_case": worst_correct / n, "worst_exact": exact, "n": n,
-            "epoch": newest.get("checkpoint_epoch"), "threat": newest["threat"], "files": [r["_file"] for r in same],
-            "ignored": [r["_file"] for r in results if r not in same]}
+            "epoch": newest.checkpoint_epoch, "threat": newest.threat, "files": [names[id(r)] for r in same],
+            "ignored": [names[id(r)] for r in results if r not in same]}
 
 
 def _label(run: Path, runs: list[Path]) -> str:
@@ -83,12 +76,11 @@ def _label(run: Path, runs: list[Path]) -> str:
 def load_run(run: Path, runs: list[Path]) -> dict[str, Any]:
     if not (run / "config.json").is_file():
         raise UsageError(f"{run} is not an iat run directory (no config.json)")
-    config = json.loads((run / "config.json").read_text())
-    records = read_metrics(run)
+    config = read_run(run / "config.json")
+    records = read_metrics(run / "metrics.jsonl")
     evals = {kind: merge_evals(res) for kind, res in read_evals(run).items()}
-    epochs = {"best": records[-1].get("best_epoch") if records else None,
-              "last": records[-1]["epoch"] if records else None}
-    return {"path": str(run), "label": _label(run, runs), "method": config.get("method", {}).get("name", "?"),
+    epochs = {"best": records[-1].best_epoch if records else None, "last": records[-1].epoch if records else None}
+    return {"path": str(run), "label": _label(run, runs), "method": (config.method or {}).get("name", "?"),
             "config": config, "records": records, "evals": evals, "epochs": epochs}
 
 
@@ -167,46 +159,62 @@ def to_csv(table: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def _val_label(config: dict[str, Any]) -> str:
-    a = config.get("val_attack") or {}
+def _val_label(config: RunRecord) -> str:
+    a = config.val_attack or {}
     return f"val PGD-{a['steps']}" if "steps" in a else "val robust"
 
 
-def _eval_missing(runs: list[Path], kinds: tuple[str, ...], args: argparse.Namespace) -> None:
-    from ..evaluation.pipeline import EvalConfig, evaluate_checkpoint, write_results
+@dataclasses.dataclass
+class ReportConfig:
+    """What `iat report` writes (flags are generated from these)."""
+
+    runs: list[str] = setting(factory=list, help="run directories (their eval-*.json files are read)")
+    out: str = setting("report", "folder for report.md/.csv/.json and curves.png")
+    checkpoints: str = setting("best,last", "best, last or best,last")
+    eval_missing: bool = setting(False, "run `iat eval` first where a checkpoint has none")
+    attacks: str = setting("natural,fgsm,pgd20,cw", "attacks for --eval-missing")
+    n_examples: Optional[int] = setting(None, "for --eval-missing: first N test examples (default: all)")
+    batch_size: int = setting(256, "for --eval-missing: examples per attack batch")
+    data_dir: Optional[str] = setting(None, "for --eval-missing: data root folder")
+    device: str = setting("auto", "for --eval-missing: auto, cpu, cuda or cuda:N")
+    seed: int = setting(0, "for --eval-missing: seed of the attacks' random starts")
+    plots: bool = setting(True, "draw curves.png (needs matplotlib)")
+    progress: bool = setting(True, "progress bars")
+
+
+def _eval_missing(runs: list[Path], kinds: tuple[str, ...], cfg: ReportConfig) -> None:
+    from ..evaluation.pipeline import EvalConfig, evaluate_checkpoint
+    from .eval_tables import write_eval_files
 
     for run in runs:
         have = read_evals(run)
         for kind in kinds:
             if kind not in have:
-                cfg = EvalConfig(checkpoint=kind, attacks=args.attacks, n_examples=args.n_examples,
-                                 batch_size=args.batch_size, device=args.device, seed=args.seed,
-                                 data_dir=args.data_dir, progress=not args.no_progress)
+                ecfg = EvalConfig(checkpoint=kind, attacks=cfg.attacks, n_examples=cfg.n_examples,
+                                  batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed,
+                                  data_dir=cfg.data_dir, progress=cfg.progress)
                 print(f"evaluating {run} ({kind}) ...")
-                write_results(evaluate_checkpoint(str(run), cfg), run / f"eval-{kind}.json")
+                write_eval_files(evaluate_checkpoint(str(run), ecfg), run / f"eval-{kind}.json")
 
 
-def run_report(args: argparse.Namespace) -> int:
-    paths = [Path(p) for p in args.runs]
+def write_report(cfg: ReportConfig) -> list[Path]:
+    """Read (and with eval_missing, first make) every run's evals; write the table, its curves and JSON."""
+    paths = [Path(p) for p in cfg.runs]
     for p in paths:
         if not (p / "config.json").is_file():
             raise UsageError(f"{p} is not an iat run directory (no config.json)")
-    kinds = tuple(k.strip() for k in args.checkpoints.split(",") if k.strip())
+    kinds = tuple(k.strip() for k in cfg.checkpoints.split(",") if k.strip())
     if not kinds or set(kinds) - set(KINDS):
-        raise UsageError(f"--checkpoints takes best, last or best,last; got {args.checkpoints!r}")
-    if not args.no_plots:
-        from .plots import require_matplotlib
-
+        raise UsageError(f"--checkpoints takes best, last or best,last; got {cfg.checkpoints!r}")
+    if cfg.plots:
         require_matplotlib()
-    if args.eval_missing:
-        _eval_missing(paths, kinds, args)
+    if cfg.eval_missing:
+        _eval_missing(paths, kinds, cfg)
     runs = [load_run(p, paths) for p in paths]
     table = side_by_side(runs, kinds)
-    out = Path(args.out)
+    out = Path(cfg.out)
     curves = None
-    if not args.no_plots and any(r["records"] for r in runs):
-        from .plots import plot_training_curves
-
+    if cfg.plots and any(r["records"] for r in runs):
         plot_training_curves({r["label"]: r["records"] for r in runs}, out / "curves.png",
                              robust_label=_val_label(runs[0]["config"]))
         curves = "curves.png"
@@ -217,6 +225,4 @@ def run_report(args: argparse.Namespace) -> int:
                "curves": str(out / curves) if curves else None}
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     print(markdown, end="")
-    print(f"report: {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.json'}"
-          + (f", {out / curves}" if curves else ""))
-    return 0
+    return [out / "report.md", out / "report.csv", out / "report.json"] + ([out / curves] if curves else [])

@@ -15,43 +15,70 @@ markers, so documentation never holds a number typed by hand.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 from pathlib import Path
+from typing import Optional
 
+from ..config import setting
 from ..errors import UsageError
+from ..values import parse_int
 from .runner import run_table
 from .spec import builtin_tables, load_spec
 from .table import write_table
 
 
-def run_reproduce(args: argparse.Namespace) -> int:
-    if args.list or not args.table:
-        tables = builtin_tables()
-        width = max(map(len, tables))
-        for name, path in tables.items():
-            spec = load_spec(str(path))
-            print(f"{name:<{width}}  {len(spec.cells)} cells x {len(spec.seeds)} seed(s)  {spec.title}")
+@dataclasses.dataclass
+class ReproduceConfig:
+    """What `iat reproduce` runs (flags are generated from these)."""
+
+    table: Optional[str] = setting(None, "a built-in table (iat reproduce --list) or a TOML table spec")
+    list: bool = setting(False, "list the built-in tables")
+    out: Optional[str] = setting(None, "folder of the cells' run directories (default runs/reproduce/TABLE)")
+    seeds: Optional[str] = setting(None, "comma-separated seeds instead of the table's")
+    jobs: Optional[int] = setting(None, "cells run at once (default 1, or one per --gpus id)")
+    gpus: Optional[str] = setting(None, "GPU ids ID,ID,...; each running cell gets one of them alone "
+                                  "(CUDA_VISIBLE_DEVICES)")
+    threads: Optional[int] = setting(None, "torch threads per cell (default cores / jobs)")
+    dry_run: bool = setting(False, "print what would run and stop")
+    table_only: bool = setting(False, "write the table from the finished cells; run nothing")
+    results_md: Optional[str] = setting(None, "also paste the table into this file between its markers (plot "
+                                        "beside it in results/)")
+    plots: bool = setting(True, "draw curves.png (needs matplotlib)")
+
+
+def list_tables() -> None:
+    tables = builtin_tables()
+    width = max(map(len, tables))
+    for name, path in tables.items():
+        spec = load_spec(str(path))
+        print(f"{name:<{width}}  {len(spec.cells)} cells x {len(spec.seeds)} seed(s)  {spec.title}")
+
+
+def reproduce(cfg: ReproduceConfig) -> int:
+    """Advance every cell of the table, then write it; 1 if a cell failed (each failure printed)."""
+    if cfg.list or not cfg.table:
+        list_tables()
         return 0
-    spec = load_spec(args.table)
-    if args.seeds:
-        spec.seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out or Path("runs") / "reproduce" / spec.name)
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-    jobs = args.jobs if args.jobs is not None else len(gpus) if gpus else 1
+    spec = load_spec(cfg.table)
+    if cfg.seeds:
+        spec.seeds = [parse_int(s, "--seeds") for s in cfg.seeds.split(",")]
+    out = Path(cfg.out or Path("runs") / "reproduce" / spec.name)
+    gpus = [g.strip() for g in cfg.gpus.split(",") if g.strip()] if cfg.gpus else None
+    jobs = cfg.jobs if cfg.jobs is not None else len(gpus) if gpus else 1
     if jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if gpus and jobs > len(gpus):
         raise UsageError(f"--jobs {jobs} is more than the {len(gpus)} GPUs of --gpus; each cell needs its own GPU")
-    if not args.no_plots:
+    if cfg.plots:
         from ..reporting.plots import require_matplotlib
 
         require_matplotlib()
-    failures = [] if args.table_only else run_table(spec, out, jobs, args.threads, args.dry_run, gpus)
-    if args.dry_run:
+    failures = [] if cfg.table_only else run_table(spec, out, jobs, cfg.threads, cfg.dry_run, gpus)
+    if cfg.dry_run:
         return 0
-    command = f"iat reproduce {args.table}" + (f" --seeds {args.seeds}" if args.seeds else "")
-    table = write_table(spec, out, Path(args.results_md) if args.results_md else None, command, not args.no_plots)
+    command = f"iat reproduce {cfg.table}" + (f" --seeds {cfg.seeds}" if cfg.seeds else "")
+    table = write_table(spec, out, Path(cfg.results_md) if cfg.results_md else None, command, cfg.plots)
     print(f"iat reproduce {spec.name}: table in {out / 'table.md'}"
           + ("" if table["complete"] else f" (incomplete: {len(table['missing'])} cells missing)"), file=sys.stderr)
     for c in table["claims"]:

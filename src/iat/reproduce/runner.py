@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
-from ..training.checkpoint import atomic_write_text
+from ..records import (MetricLine, RunRecord, atomic_write_text, first_difference, read_eval, read_metrics,
+                       read_run, try_read_eval, write_eval)
 from ..errors import UsageError
 from .spec import KINDS, Cell, EvalGroup, TableSpec
 
@@ -26,38 +27,22 @@ def run_dir(out: Path, cell: Cell, seed: int) -> Path:
     return out / cell.name / f"seed{seed}"
 
 
-def read_records(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if diff:
-                return diff
-        return None
-    return None if a == b else f"{prefix[:-1]} (saved {a!r}, table {b!r})"
+def read_records(run: Path) -> list[MetricLine]:
+    return read_metrics(run / "metrics.jsonl")
 
 
 def train_state(run: Path, cfg: C.TrainConfig) -> str:
-    """'new', 'partial' (resume it) or 'done'; a run made with other settings is an error."""
+    """'new', 'partial' (resume it) or 'done'; a run made with other settings is an error (the same rule
+    as --resume: records.first_difference)."""
     saved_path = run / "config.json"
     if not saved_path.is_file():
         return "partial" if (run / "checkpoints" / "last.safetensors").is_file() else "new"
-    saved = json.loads(saved_path.read_text())["config"]
-    mine = json.loads(json.dumps(C.to_dict(cfg)))  # tuples become lists, as in the saved file
-    ignore = ("progress", "device")  # how it ran, not what it computes
-    diff = _first_difference({k: v for k, v in saved.items() if k not in ignore},
-                             {k: v for k, v in mine.items() if k not in ignore})
+    diff = first_difference(read_run(saved_path), RunRecord(config=C.to_dict(cfg)))
     if diff:
         raise UsageError(f"{run} was trained with other settings than the table asks: {diff}; "
                          "move it away (or use another --out) to train the table's cell")
     records = read_records(run)
-    done = records and records[-1].get("epoch") == cfg.optim.epochs and (run / "checkpoints" / "last.safetensors").is_file()
+    done = records and records[-1].epoch == cfg.optim.epochs and (run / "checkpoints" / "last.safetensors").is_file()
     return "done" if done else "partial"
 
 
@@ -67,20 +52,19 @@ def eval_path(run: Path, kind: str, group: EvalGroup) -> Path:
 
 def checkpoint_epochs(run: Path) -> dict[str, int]:
     records = read_records(run)
-    return {"best": records[-1]["best_epoch"], "last": records[-1]["epoch"]} if records else {}
+    return {"best": records[-1].best_epoch, "last": records[-1].epoch} if records else {}
 
 
 def eval_done(run: Path, kind: str, group: EvalGroup) -> bool:
     """An eval of the checkpoint as it is now, with every attack and the number of examples the group asks."""
-    try:
-        result = json.loads(eval_path(run, kind, group).read_text())
-        epoch = checkpoint_epochs(run)[kind]
-    except (OSError, ValueError, KeyError):
+    result = try_read_eval(eval_path(run, kind, group))
+    epoch = checkpoint_epochs(run).get(kind)
+    if result is None or epoch is None:
         return False
-    attacks = {r["attack"] for r in result.get("results", [])}
+    attacks = {r["attack"] for r in result.results}
     n = group.n_examples
-    return (result.get("checkpoint_epoch") == epoch and set(group.columns()) <= attacks
-            and (n is None or result.get("data", {}).get("n_examples") == n))
+    return (result.checkpoint_epoch == epoch and set(group.columns()) <= attacks
+            and (n is None or result.data.get("n_examples") == n))
 
 
 @dataclasses.dataclass
@@ -120,10 +104,9 @@ def _copy_if_same(run: Path, step: Step) -> None:
     if step.copy_to is None or epochs.get("best") != epochs.get("last"):
         return
     src = Path(step.argv[step.argv.index("--out") + 1])
-    result = json.loads(src.read_text())
-    result.update(checkpoint_kind="best", checkpoint=str(run / "checkpoints" / "best.safetensors"),
-                  same_weights_as=src.name)
-    atomic_write_text(step.copy_to, json.dumps(result, indent=1))
+    result = dataclasses.replace(read_eval(src), checkpoint_kind="best", same_weights_as=src.name,
+                                 checkpoint=str(run / "checkpoints" / "best.safetensors"))
+    write_eval(step.copy_to, result)
 
 
 class Children:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from ..training.checkpoint import atomic_write_bytes, atomic_write_text
+from ..records import atomic_write_bytes, atomic_write_text, try_read_eval
 from ..training.monitor import co_epochs
 from ..reporting.eval_tables import fmt_eps
 from .runner import eval_path, read_records, run_dir
@@ -36,25 +36,23 @@ def read_cell(run: Path, spec: TableSpec) -> Optional[dict[str, Any]]:
     for kind in spec.checkpoints:
         acc, columns = {}, {}
         for group in spec.evals:
-            try:
-                result = json.loads(eval_path(run, kind, group).read_text())
-            except (OSError, ValueError):
+            result = try_read_eval(eval_path(run, kind, group))
+            if result is None:
                 continue
-            for r in result["results"]:
+            for r in result.results:
                 own = r.get("counted", "own") in ("own", "natural") and r["attack"] != "worst case"
                 if (own or (r["attack"] == "worst case" and group is spec.evals[0])) and r["attack"] not in acc:
                     acc[r["attack"]] = r["accuracy"]
-                    columns[r["attack"]] = {"protocol": r["protocol"], "n": result["data"]["n_examples"]}
+                    columns[r["attack"]] = {"protocol": r["protocol"], "n": result.data["n_examples"]}
             if group is spec.evals[0]:
-                evals[kind] = {"epoch": result.get("checkpoint_epoch"), "threat": result["threat"],
-                               "data": result["data"]}
+                evals[kind] = {"epoch": result.checkpoint_epoch, "threat": result.threat, "data": result.data}
         if kind in evals:
             evals[kind].update(acc=acc, columns=columns)
-    seconds = [r["epoch_seconds"] for r in records if "epoch_seconds" in r]
+    seconds = [r.epoch_seconds for r in records if r.epoch_seconds is not None]
     return {"records": records, "evals": evals, "epoch_seconds": sum(seconds) / max(1, len(seconds)),
-            "images_per_second": sum(r.get("images_per_second", 0) for r in records) / len(records),
+            "images_per_second": sum(r.images_per_second or 0 for r in records) / len(records),
             "co_epochs": [epoch for epoch, _ in co_epochs(records)],  # the current rule, on the recorded curves
-            "best_epoch": records[-1].get("best_epoch"), "epochs": records[-1]["epoch"]}
+            "best_epoch": records[-1].best_epoch, "epochs": records[-1].epoch}
 
 
 def table_columns(spec: TableSpec) -> list[str]:

@@ -1,14 +1,11 @@
 """Checkpoints: tensors in safetensors, everything else as JSON in its header; atomic writes.
 
-A checkpoint file is either the old one or the new one, never torn: we write a temporary file in
-the same folder, flush and fsync it, then rename over the target. Loading parses JSON and raw
-tensors only, so a checkpoint can never execute code.
+A checkpoint file is either the old one or the new one, never torn (records.atomic_write_bytes).
+Loading parses JSON and raw tensors only, so a checkpoint can never execute code.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,38 +15,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import UsageError
+from ..records import atomic_write_bytes
 
 FORMAT = "iat-checkpoint-1"
-# mkstemp makes files private (0600); give ours the permissions an ordinary open() would.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _flatten(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:

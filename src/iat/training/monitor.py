@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..attacks import create_attack
 from ..evaluation.accuracy import robust_accuracy
+from ..records import MetricLine
 
 RATIO = 0.3
 DROP = 0.20
@@ -58,17 +59,17 @@ def co_rule(fgsm: float, pgd: float, best_pgd: float, best_fgsm: float = -1.0, *
     return None
 
 
-def co_epochs(records: list[dict[str, Any]]) -> list[tuple[int, str]]:
-    """The rule applied afresh to a run's metrics.jsonl records (val_fgsm and val_robust per epoch), so a
+def co_epochs(records: list[MetricLine]) -> list[tuple[int, str]]:
+    """The rule applied afresh to a run's metrics.jsonl lines (val_fgsm and val_robust per epoch), so a
     table judges every run by the same, current rule whatever the monitor printed when it trained."""
     flagged, best_pgd, best_fgsm = [], -1.0, -1.0
     for r in records:
-        if r.get("val_fgsm") is None or r.get("val_robust") is None:
+        if r.val_fgsm is None or r.val_robust is None:
             continue
-        reason = co_rule(r["val_fgsm"], r["val_robust"], best_pgd, best_fgsm)
+        reason = co_rule(r.val_fgsm, r.val_robust, best_pgd, best_fgsm)
         if reason:
-            flagged.append((r["epoch"], reason))
-        best_pgd, best_fgsm = max(best_pgd, r["val_robust"]), max(best_fgsm, r["val_fgsm"])
+            flagged.append((r.epoch, reason))
+        best_pgd, best_fgsm = max(best_pgd, r.val_robust), max(best_fgsm, r.val_fgsm)
     return flagged
 
 
@@ -81,7 +82,7 @@ def check_overfitting(trainer: Any, pgd: float) -> dict[str, Any]:
     """
     cfg = trainer.cfg
     n = min(cfg.val.n_examples, len(trainer.val_split))
-    fgsm = create_attack("fgsm", eps=cfg.threat.eps, norm=cfg.threat.norm)
+    fgsm = create_attack("fgsm", eps=trainer.threat.eps, norm=trainer.threat.norm)
     acc = robust_accuracy(trainer.model, trainer.val_split.x[:n], trainer.val_split.y[:n], {"fgsm": fgsm},
                           batch_size=cfg.val.batch_size).rates()["fgsm"]
     best_fgsm = max([-1.0] + [h["val_fgsm"] for h in trainer.progress.history if h.get("val_fgsm") is not None])

@@ -1,0 +1,106 @@
+"""Command-line flags generated from config dataclasses: one flag per field, with the field's help line,
+its default and its choices (from the registries), so `--help` and the config can never drift apart.
+
+A flag's value stays a string until the config's one coercer (values.coerce) converts it, so a flag, a
+TOML file and a JSON file accept the same spellings ("8/255", "true").
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Iterator, Optional
+
+from ..config import TrainConfig, update
+from ..registry import Registry
+
+
+def _registries() -> dict[str, Registry]:
+    from ..training.setup import registries
+
+    return registries()
+
+
+def choices_text(choices: Any) -> str:
+    if choices is None:
+        return ""
+    names = _registries()[choices].names() if isinstance(choices, str) else list(choices)
+    return f"; one of: {', '.join(names)}"
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, float):
+        k = value * 255
+        short = len(repr(value)) <= 8
+        return f"{round(k)}/255" if not short and 0 < value < 1 and abs(k - round(k)) < 1e-6 else f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(_default_text(v) for v in value)
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def help_line(f: dataclasses.Field, default: Any) -> str:
+    text = f.metadata.get("help") or f.name.replace("_", " ")
+    return f"{text} (default: {_default_text(default)}{choices_text(f.metadata.get('choices'))})"
+
+
+def leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, default) of every leaf field of a config dataclass."""
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(type(value), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+def flag_name(key: str, f: dataclasses.Field) -> str:
+    return "--" + (f.metadata.get("flag") or key.replace(".", "-").replace("_", "-"))
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+              positional: tuple[str, ...] = ()) -> dict[str, str]:
+    """Add one flag per leaf field of `cls` (not those in `skip`); returns dest -> dotted key.
+
+    Booleans get --x / --no-x. Every flag defaults to None, so only what was typed overrides a config file.
+    """
+    dests = {}
+    for key, f, default in leaves(cls):
+        if key in skip:
+            continue
+        dest = key.replace(".", "__")
+        text = help_line(f, default)
+        if key in positional:
+            nargs = "*" if isinstance(default, list) else "?"
+            parser.add_argument(dest, nargs=nargs, default=None, metavar=key.upper(), help=text)
+        elif isinstance(default, bool):
+            parser.add_argument(flag_name(key, f), dest=dest, default=None, action=argparse.BooleanOptionalAction,
+                                help=text)
+        else:
+            metavar = key.split(".")[-1].upper()
+            parser.add_argument(flag_name(key, f), dest=dest, default=None, metavar=metavar, help=text)
+        dests[dest] = key
+    return dests
+
+
+def given(args: argparse.Namespace, dests: dict[str, str]) -> dict[str, Any]:
+    """Dotted key -> value of the flags the user typed."""
+    out = {}
+    for dest, key in dests.items():
+        value = getattr(args, dest, None)
+        if value is not None and value != []:
+            out[key] = value
+    return out
+
+
+def build(cls: type, args: argparse.Namespace, dests: dict[str, str], base: Optional[Any] = None) -> Any:
+    """An instance of `cls` (or `base`, updated): defaults <- what the flags say, coerced and checked."""
+    from ..config import nest
+
+    cfg = base if base is not None else cls()
+    for key, value in given(args, dests).items():
+        cfg = update(cfg, nest(key, value))
+    return cfg
+
+
+TRAIN_SKIP = ("method_options", "progress")
+__all__ = ["TRAIN_SKIP", "TrainConfig", "add_flags", "build", "given", "help_line", "leaves"]

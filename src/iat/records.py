@@ -1,0 +1,295 @@
+"""The files a run leaves behind, as typed and versioned records, each with one reader and one writer.
+
+    RUN_DIR/config.json        RunRecord    the resolved settings of a run (what "same run" compares)
+    RUN_DIR/metrics.jsonl      MetricLine   one line per finished epoch
+    RUN_DIR/eval-*.json        EvalRecord   one evaluation: every number with its protocol
+
+Every file is written atomically (temporary file, fsync, rename, fsync of the folder), so a crash leaves
+the old file or the new one; metric lines are appended and fsynced, and the reader drops a last line
+torn by a kill. Readers accept the unversioned files of iat 0.1 and upgrade them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import UsageError
+
+PathLike = Union[str, Path]
+# mkstemp makes files private (0600); give ours the permissions an ordinary open() would.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# ------------------------------------------------------------------------------------------ atomic files
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(path.parent)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder, not {what}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is damaged ({type(err).__name__}: {err}); it is not {what}") from None
+
+
+def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+# ------------------------------------------------------------------------------------------ config.json
+@dataclasses.dataclass
+class RunRecord:
+    """A run's resolved settings: the config with every default, the method's resolved options, the model
+    spec, the data copy and split sizes, the validation attack, and where it ran."""
+
+    config: dict[str, Any]
+    method: Optional[dict[str, Any]] = None
+    model: Optional[dict[str, Any]] = None
+    data: Optional[dict[str, Any]] = None
+    val_attack: Optional[dict[str, Any]] = None
+    device: Optional[str] = None
+    torch: Optional[str] = None
+    kind: str = "iat-run"
+    version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str = "run record") -> "RunRecord":
+        """Upgrade and check: version 0 (iat 0.1) kept threat.bn_mode / threat.eps_warmup and the threat model
+        among the method's options."""
+        if not isinstance(values, dict) or not isinstance(values.get("config"), dict):
+            raise UsageError(f"{source} is not an iat run record (no 'config' table)")
+        values = json.loads(json.dumps(values))  # a deep copy in JSON's own types
+        if values.get("version", 0) == 0:
+            _upgrade_v0(values)
+        if values.get("kind", "iat-run") != "iat-run" or values.get("version") != 1:
+            raise UsageError(f"{source} is a {values.get('kind')} record of version {values.get('version')}, "
+                             "which this iat cannot read")
+        return cls(**_known(cls, values))
+
+
+def _upgrade_v0(values: dict[str, Any]) -> None:
+    config = values["config"]
+    threat = config.get("threat") or {}
+    bn_mode = threat.pop("bn_mode", None)
+    if bn_mode is not None:
+        config.setdefault("method_options", {}).setdefault("bn_mode", bn_mode)
+    if "eps_warmup" in threat:
+        config.setdefault("optim", {})["eps_warmup"] = threat.pop("eps_warmup")
+    for key in ("eps", "step_size", "steps", "norm"):
+        (values.get("method") or {}).pop(key, None)
+        (config.get("method_options") or {}).pop(key, None)
+    values["kind"], values["version"] = "iat-run", 1
+
+
+def read_run(path: PathLike) -> RunRecord:
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; is {path.parent} an iat run directory?")
+    return RunRecord.from_dict(_read_json(path, "an iat run's config.json"), str(path))
+
+
+def write_run(path: PathLike, record: RunRecord) -> None:
+    atomic_write_text(path, json.dumps(record.to_dict(), indent=2) + "\n")
+
+
+# What a resumed run may change: where it runs and what it prints, never its arithmetic.
+MAY_CHANGE = ("config.device", "config.progress", "config.data.root", "config.data.download",
+              "config.checkpoint_every_steps", "device", "torch")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def identity(record: RunRecord) -> dict[str, Any]:
+    """Dotted key -> value of everything that must stay the same for two runs to be the same run: the
+    config (method options as the method resolved them), the method, the model spec and the data's split
+    sizes, as far as the record holds them."""
+    tree: dict[str, Any] = {"config": record.config}
+    if record.method is not None:
+        tree["method"] = record.method
+    if record.model is not None:
+        tree["model"] = record.model
+    if record.data is not None:
+        tree["data"] = {k: record.data.get(k) for k in ("name", "train", "val", "test")}
+    flat = _flat(json.loads(json.dumps(tree)))  # tuples become lists, as in the saved file
+    return {k: v for k, v in flat.items() if k not in MAY_CHANGE}
+
+
+def first_difference(old: RunRecord, new: RunRecord) -> Optional[str]:
+    """The one rule for "is this the same run?": None, or 'KEY would be NEW but was OLD (and N more)'.
+    Sections only one of the records holds (a table spec has no resolved method yet) are not compared."""
+    a, b = identity(old), identity(new)
+    sections = {k.split(".")[0] for k in a} & {k.split(".")[0] for k in b}
+    # with both methods resolved, their options are compared as resolved, not as typed (-O beta=6 vs 6.0)
+    typed = "method" not in sections
+    keys = sorted(k for k in a.keys() | b.keys() if k.split(".")[0] in sections and a.get(k) != b.get(k)
+                  and (typed or not k.startswith("config.method_options")))
+    if not keys:
+        return None
+    more = f" (and {len(keys) - 1} more differences)" if len(keys) > 1 else ""
+    return f"{keys[0]} would be {b.get(keys[0])!r} but was {a.get(keys[0])!r}{more}"
+
+
+# ------------------------------------------------------------------------------------------ metrics.jsonl
+@dataclasses.dataclass
+class MetricLine:
+    """One finished epoch: training means, validation accuracies, timing, the overfitting monitor."""
+
+    epoch: int
+    lr: float = 0.0
+    train: dict[str, float] = dataclasses.field(default_factory=dict)
+    val_natural: Optional[float] = None
+    val_robust: Optional[float] = None
+    val_examples: Optional[int] = None
+    epoch_seconds: Optional[float] = None
+    images_per_second: Optional[float] = None
+    val_fgsm: Optional[float] = None
+    co_detected: bool = False
+    co_reason: Optional[str] = None
+    best_epoch: Optional[int] = None
+    version: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_metrics(path: PathLike) -> list[MetricLine]:
+    """Every epoch's line; a last line torn by a kill is dropped, a damaged earlier one is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").split("\n")]
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            values = json.loads(line)
+            out.append(MetricLine(**_known(MetricLine, values)))
+        except (json.JSONDecodeError, TypeError):
+            if i >= len(lines) - 2 and not any(rest.strip() for rest in lines[i + 1:]):
+                break  # the torn last line of an interrupted write
+            raise UsageError(f"{path} line {i + 1} is damaged; it is not an iat metrics line") from None
+    return out
+
+
+def append_metric(path: PathLike, line: MetricLine) -> None:
+    """Append one line and fsync it (on disk before the checkpoint that counts this epoch as done)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(line.to_dict()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_metrics(path: PathLike, lines: list[MetricLine]) -> None:
+    atomic_write_text(path, "".join(json.dumps(line.to_dict()) + "\n" for line in lines))
+
+
+# ------------------------------------------------------------------------------------------ eval-*.json
+@dataclasses.dataclass
+class EvalRecord:
+    """One evaluation of one checkpoint on the first n test examples: each attack's accuracy with its
+    protocol, the per-example worst case, the sanity checks, per-example outcomes (packed bits)."""
+
+    checkpoint: str
+    data: dict[str, Any]
+    threat: dict[str, Any]
+    results: list[dict[str, Any]]
+    run: Optional[str] = None
+    checkpoint_kind: Optional[str] = None
+    checkpoint_epoch: Optional[int] = None
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    method: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_threat: Optional[dict[str, Any]] = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    mode: str = "each"
+    device: str = ""
+    torch: str = ""
+    seconds: float = 0.0
+    sanity: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    eps_sweep: Optional[dict[str, Any]] = None
+    diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    per_example: dict[str, str] = dataclasses.field(default_factory=dict)
+    same_weights_as: Optional[str] = None
+    kind: str = "iat-eval"
+    version: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def row(self, attack: str) -> Optional[dict[str, Any]]:
+        return next((r for r in self.results if r["attack"] == attack), None)
+
+    @classmethod
+    def from_dict(cls, values: Any, source: str = "evaluation") -> "EvalRecord":
+        """Version 1 (iat 0.1) marked itself with "iat_eval": 1 and has the same fields."""
+        if not isinstance(values, dict) or not ("iat_eval" in values or values.get("kind") == "iat-eval"):
+            raise UsageError(f"{source} is not an iat evaluation record")
+        if values.get("kind", "iat-eval") != "iat-eval" or values.get("version", 2) > 2:
+            raise UsageError(f"{source} is an evaluation record of version {values.get('version')}, which this "
+                             "iat cannot read")
+        try:
+            return cls(**{**_known(cls, values), "kind": "iat-eval", "version": 2})
+        except TypeError as err:
+            raise UsageError(f"{source} is an incomplete evaluation record ({err})") from None
+
+
+def read_eval(path: PathLike) -> EvalRecord:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"evaluation {path} does not exist")
+    return EvalRecord.from_dict(_read_json(path, "an iat evaluation"), str(path))
+
+
+def try_read_eval(path: PathLike) -> Optional[EvalRecord]:
+    """The record, or None for a missing or unreadable file (readers that skip what is not there yet)."""
+    try:
+        return read_eval(path)
+    except (UsageError, OSError):
+        return None
+
+
+def write_eval(path: PathLike, record: EvalRecord) -> None:
+    atomic_write_text(path, json.dumps(record.to_dict(), indent=2) + "\n")

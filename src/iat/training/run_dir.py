@@ -1,0 +1,82 @@
+"""A run directory's life: a new run, a resumed one (--resume) or a replaced one (--overwrite).
+
+Everything that can be wrong with the input is found before anything in the folder is created or
+replaced: building the Trainer loads the data and builds model and method; a folder that already holds a
+run is never replaced without `overwrite`; a resumed run keeps the settings in its config.json.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import config as C
+from ..errors import UsageError
+from ..records import RunRecord, read_run
+from .checkpoint import load_checkpoint
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json")
+
+
+def holds_run(out: Path) -> bool:
+    return (out / "config.json").exists() or (out / "checkpoints").exists()
+
+
+def saved_run(out: Path) -> RunRecord:
+    """The settings a run saved in its config.json (or, if that was deleted, in its last checkpoint)."""
+    path, last = out / "config.json", out / "checkpoints" / "last.safetensors"
+    if not path.exists() and not last.is_file():
+        raise UsageError(f"--resume: {out} holds no run to continue (no config.json); start one with --out {out}")
+    try:
+        record = read_run(path) if path.exists() else RunRecord.from_dict(load_checkpoint(last).get("resolved"),
+                                                                           str(last))
+        C.from_dict(record.config)
+    except UsageError as err:
+        raise UsageError(f"--resume: {err}") from None
+    return record
+
+
+def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train `cfg` into `out`: a new run, the continuation of `saved` (from saved_run), or a replacement."""
+    from .trainer import Trainer
+
+    exists = holds_run(out)
+    if saved is not None and overwrite:
+        raise UsageError("--resume continues a run and --overwrite replaces it; pass only one of them")
+    if exists and saved is None and not overwrite:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    check_writable(out)
+    trainer = Trainer(cfg, out)  # every bad input fails here, before anything in `out` changes
+    main_rank = trainer.dist.is_main  # under torchrun only rank 0 touches the run directory
+    if saved is not None and (out / "checkpoints" / "last.safetensors").exists():
+        trainer.resume()
+    elif saved is not None:
+        trainer.check_same_run(saved, out / "config.json")
+        if main_rank:
+            print(f"iat: {out} holds no checkpoint yet; starting the run from the beginning", file=sys.stderr)
+            clear(out)
+    elif exists and main_rank:
+        clear(out)
+    return trainer.fit()  # starts with a barrier, so no rank trains before the directory is cleared
+
+
+def clear(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work: `out` must be, or be creatable in, a folder we can really write to."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot create run directory {out}: {probe} is a file, not a folder; choose another --out")
+    try:  # a real write, because as root os.access says yes even on a read-only mount
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to {probe} ({err.strerror}); choose another --out") from None

@@ -65,3 +65,20 @@ def test_schedules():
     assert f(0) == 1 and f(100) == pytest.approx(0)
     with pytest.raises(UsageError):
         lr_factor(C.OptimConfig(schedule="step"), 10)
+
+
+def test_no_safetensors_checkpoint_is_mistaken_for_a_pickle(tmp_path):
+    """A safetensors file starts with its header length; one whose low byte is 0x80 (a pickle's first byte)
+    must still load as a checkpoint (iat 0.1 misread about 1 file in 32 as a plain state_dict)."""
+    from iat.evaluation.loading import is_pickle
+
+    low_bytes = set()
+    for pad in range(0, 300, 3):
+        path = tmp_path / f"c{pad}.safetensors"
+        save_checkpoint(path, {"w": torch.zeros(2), "note": "x" * pad})
+        low_bytes.add(path.read_bytes()[0])
+        assert not is_pickle(path), pad
+        assert load_checkpoint(path)["note"] == "x" * pad
+    assert 0x80 in low_bytes  # the case that broke is among them
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")
+    assert is_pickle(tmp_path / "plain.pt")

@@ -88,3 +88,30 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
 def test_python_dash_m(tmp_path):
     done = subprocess.run([sys.executable, "-m", "iat", "list", "methods"], capture_output=True, text=True)
     assert done.returncode == 0 and "iat" in done.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "report", "reproduce"])
+def test_every_flag_has_a_help_line_that_shows_its_default(command):
+    """The flags are generated from the config dataclasses: each has a help line naming its default."""
+    import argparse
+
+    from iat.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = [a for a in sub.choices[command]._actions if not isinstance(a, argparse._HelpAction)]
+    assert len(actions) >= 8
+    for action in actions:
+        if action.option_strings:
+            assert action.help and "default" in action.help, action.option_strings
+
+
+def test_names_come_from_the_registries_and_a_typo_suggests_the_nearest(tmp_path, capsys):
+    from iat.methods import METHODS
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in METHODS.names())
+    assert main(["train", "--method", "pgd_at", "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'pgd-at'" in capsys.readouterr().err

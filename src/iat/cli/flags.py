@@ -20,11 +20,11 @@ def _registries() -> dict[str, Registry]:
     return registries()
 
 
-def choices_text(choices: Any) -> str:
+def choices_text(choices: Any, lead: str = "; ") -> str:
     if choices is None:
         return ""
     names = _registries()[choices].names() if isinstance(choices, str) else list(choices)
-    return f"; one of: {', '.join(names)}"
+    return f"{lead}one of: {', '.join(names)}"
 
 
 def _default_text(value: Any) -> str:
@@ -34,12 +34,17 @@ def _default_text(value: Any) -> str:
         return f"{round(k)}/255" if not short and 0 < value < 1 and abs(k - round(k)) < 1e-6 else f"{value:g}"
     if isinstance(value, tuple):
         return ",".join(_default_text(v) for v in value)
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    if value is None or value == []:
+        return "none"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def help_line(f: dataclasses.Field, default: Any) -> str:
     text = f.metadata.get("help") or f.name.replace("_", " ")
-    return f"{text} (default: {_default_text(default)}{choices_text(f.metadata.get('choices'))})"
+    choices = f.metadata.get("choices")
+    if "default" in text:  # the help says what the default means ("default: the training eps")
+        return text + (f" ({choices_text(choices, lead='')})" if choices else "")
+    return f"{text} (default: {_default_text(default)}{choices_text(choices)})"
 
 
 def leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:

@@ -99,7 +99,9 @@ class L2Ball(Ball):
         return grad / l2_norm(grad)
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta * (self.eps / l2_norm(delta)).clamp(max=1.0)
+        norm = delta.flatten(1).norm(dim=1)
+        factor = torch.where(norm > self.eps, self.eps / norm, torch.ones_like(norm))  # inside: unchanged
+        return delta * _per_example(delta, factor)
 
     def full_range(self, input_numel: int) -> float:
         return math.sqrt(input_numel)

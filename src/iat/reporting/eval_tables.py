@@ -2,12 +2,11 @@
 protocol written next to every number, and the files written side by side."""
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..records import EvalRecord, atomic_write_text, write_eval
+from .render import csv_text, markdown_table, text_table
 
 LOSS_NAMES = {"ce": "cross-entropy", "cw": "CW margin", "kl": "KL"}
 CSV_FIELDS = ["attack", "accuracy", "correct", "total", "attacked", "counted", "eps", "norm", "steps", "step_size",
@@ -44,12 +43,10 @@ def protocol_text(p: Mapping[str, Any]) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Terminal table: attack, accuracy, correct/n, protocol."""
     width = max(12, *(len(r["attack"]) + 2 for r in rows))
-    head = f"{'attack':<{width}}{'accuracy':>9}  {'correct':>11}  protocol"
-    lines = [head, "-" * (len(head) + 40)]
-    for r in rows:
-        count = f"{r['correct']}/{r['total']}"
-        lines.append(f"{r['attack']:<{width}}{r['accuracy']:>9.2%}  {count:>11}  {protocol_text(r['protocol'])}")
-    return "\n".join(lines)
+    cells = [[r["attack"], f"{r['accuracy']:.2%}", f"{r['correct']}/{r['total']}", protocol_text(r["protocol"])]
+             for r in rows]
+    return text_table(["attack", "accuracy", "correct", "protocol"], cells, widths=[width, 9, 11, 0], align="lrrl",
+                      sep=["", "  ", "  "], rule_extra=40)
 
 
 def format_checks(checks: list[Mapping[str, Any]]) -> str:
@@ -73,47 +70,46 @@ MODE_TEXT = {"each": "every attack runs on every naturally correct example; wors
 
 
 def to_markdown(result: EvalRecord) -> str:
+    rows = [[r["attack"], f"{r['accuracy']:.2%}", f"{r['correct']} / {r['total']}", protocol_text(r["protocol"])]
+            for r in result.results]
     lines = ["# Robustness evaluation", "", *_header(result), "",
-             "| attack | accuracy | correct / n | protocol |", "|---|---:|---:|---|"]
-    for r in result.results:
-        lines.append(f"| {r['attack']} | {r['accuracy']:.2%} | {r['correct']} / {r['total']} | "
-                     f"{protocol_text(r['protocol'])} |")
+             *markdown_table(["attack", "accuracy", "correct / n", "protocol"], rows, align="lrrl")]
     for name, diag in (result.diagnostics or {}).items():
         broken = ", ".join(f"{k} {v}" for k, v in diag.get("broken_by", {}).items())
         lines += ["", f"{name}: examples broken by each component (each runs on the survivors of the ones "
                   f"before it): {broken or 'none'}."]
     lines += ["", "Every adversarial example was verified (inside the eps-ball, inside [0, 1], finite) before it "
               "counted; accuracy is counted over examples.", "", "## Sanity checks", "",
-              "| check | status | what it means |", "|---|---|---|"]
-    lines += [f"| {c['name']} | {c['status']} | {c['message']} |" for c in result.sanity]
+              *markdown_table(["check", "status", "what it means"],
+                              [[c["name"], c["status"], c["message"]] for c in result.sanity])]
     sweep = result.eps_sweep
     if sweep:
-        lines += ["", f"## Accuracy against eps ({sweep['attack']}, {sweep['norm']})", "",
-                  "| eps | accuracy | correct / n |", "|---:|---:|---:|"]
-        lines += [f"| {fmt_eps(p['eps'])} | {p['accuracy']:.2%} | {p['correct']} / {p['total']} |"
+        points = [[fmt_eps(p["eps"]), f"{p['accuracy']:.2%}", f"{p['correct']} / {p['total']}"]
                   for p in sweep["points"]]
+        lines += ["", f"## Accuracy against eps ({sweep['attack']}, {sweep['norm']})", "",
+                  *markdown_table(["eps", "accuracy", "correct / n"], points, align="rrr")]
         if sweep.get("plot"):
             lines += ["", f"![accuracy against eps]({sweep['plot_name']})"]
     return "\n".join(lines) + "\n"
 
 
+def _csv_row(result: EvalRecord, r: Mapping[str, Any]) -> dict[str, Any]:
+    p = r["protocol"]
+    return {
+        "attack": r["attack"], "accuracy": f"{r['accuracy']:.6f}", "correct": r["correct"], "total": r["total"],
+        "attacked": r.get("attacked", ""), "counted": r.get("counted", ""), "eps": p.get("eps", ""),
+        "norm": p.get("norm", ""), "steps": p.get("steps", ""), "step_size": p.get("step_size", ""),
+        "restarts": p.get("restarts", ""), "loss": p.get("loss", ""), "random_start": p.get("random_start", ""),
+        "protocol": protocol_text(p), "checkpoint": result.checkpoint,
+        "checkpoint_kind": result.checkpoint_kind or "", "checkpoint_epoch": result.checkpoint_epoch,
+        "dataset": result.data["name"], "split": result.data["split"], "seed": result.seed,
+        "mode": result.mode,
+    }
+
+
 def to_csv(result: EvalRecord) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in result.results:
-        p = r["protocol"]
-        writer.writerow({
-            "attack": r["attack"], "accuracy": f"{r['accuracy']:.6f}", "correct": r["correct"], "total": r["total"],
-            "attacked": r.get("attacked", ""), "counted": r.get("counted", ""), "eps": p.get("eps", ""),
-            "norm": p.get("norm", ""), "steps": p.get("steps", ""), "step_size": p.get("step_size", ""),
-            "restarts": p.get("restarts", ""), "loss": p.get("loss", ""), "random_start": p.get("random_start", ""),
-            "protocol": protocol_text(p), "checkpoint": result.checkpoint,
-            "checkpoint_kind": result.checkpoint_kind or "", "checkpoint_epoch": result.checkpoint_epoch,
-            "dataset": result.data["name"], "split": result.data["split"], "seed": result.seed,
-            "mode": result.mode,
-        })
-    return buf.getvalue()
+    rows = [_csv_row(result, r) for r in result.results]
+    return csv_text(CSV_FIELDS, [[row[f] for f in CSV_FIELDS] for row in rows])
 
 
 def output_paths(out: Path) -> dict[str, Path]:

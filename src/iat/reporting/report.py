@@ -10,9 +10,7 @@ marked with *.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -25,8 +23,10 @@ from ..evaluation.accuracy import unpack_flags
 from ..records import EvalRecord, RunRecord, atomic_write_text, read_metrics, read_run, try_read_eval
 from .eval_tables import fmt_eps, protocol_text
 from .plots import plot_training_curves, require_matplotlib
+from .render import csv_text, markdown_table
 
 KINDS = ("best", "last")
+ROW_FIELDS = ["run", "method", "checkpoint", "epoch", "n", "threat"]
 COLUMN_ORDER = ["natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
 
 
@@ -131,14 +131,11 @@ def _cell(row: dict[str, Any], col: str) -> str:
 
 def to_markdown(table: dict[str, Any], curves: Optional[str]) -> str:
     cols = table["columns"]
+    rows = [[r["run"], r["method"], r["checkpoint"], r["epoch"], r["n"] or "-", r["threat"] or "-",
+             *(_cell(r, c) for c in cols)] for r in table["rows"]]
     lines = ["# Runs side by side", "", "Robust accuracy (%) on the test split; best = the checkpoint with the best "
              "validation robust accuracy, last = the final epoch.", "",
-             "| run | method | checkpoint | epoch | n | threat | " + " | ".join(cols) + " |",
-             "|---|---|---|---:|---:|---|" + "---:|" * len(cols)]
-    for r in table["rows"]:
-        lines.append(f"| {r['run']} | {r['method']} | {r['checkpoint']} | {r['epoch']} | {r['n'] or '-'} | "
-                     f"{r['threat'] or '-'} | " + " | ".join(_cell(r, c) for c in cols) + " |")
-    lines += ["", "Protocols:", ""]
+             *markdown_table([*ROW_FIELDS, *cols], rows, align="lllrrl" + "r" * len(cols)), "", "Protocols:", ""]
     lines += [f"- **{c}**: {'; '.join(t)}" for c, t in table["protocols"].items() if t]
     lines.append("- **worst case**: per example, worst over the columns of that row (* = upper bound: the evals "
                  "carried no per-example outcomes)")
@@ -150,13 +147,9 @@ def to_markdown(table: dict[str, Any], curves: Optional[str]) -> str:
 
 
 def to_csv(table: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", "method", "checkpoint", "epoch", "n", "threat", *table["columns"]])
-    for r in table["rows"]:
-        w.writerow([r["run"], r["method"], r["checkpoint"], r["epoch"], r["n"] or "", r["threat"] or "",
-                    *(f"{r['acc'][c]:.6f}" if c in r["acc"] else "" for c in table["columns"])])
-    return buf.getvalue()
+    rows = [[r["run"], r["method"], r["checkpoint"], r["epoch"], r["n"] or "", r["threat"] or "",
+             *(f"{r['acc'][c]:.6f}" if c in r["acc"] else "" for c in table["columns"])] for r in table["rows"]]
+    return csv_text([*ROW_FIELDS, *table["columns"]], rows)
 
 
 def _val_label(config: RunRecord) -> str:

@@ -2,8 +2,6 @@
 paired claim checks with fixed verdict rules, Markdown/CSV/JSON and the curves plot."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -13,6 +11,7 @@ from typing import Any, Optional
 from ..records import atomic_write_bytes, atomic_write_text, try_read_eval
 from ..training.monitor import co_epochs
 from ..reporting.eval_tables import fmt_eps
+from ..reporting.render import csv_text, markdown_table
 from .runner import eval_path, read_records, run_dir
 from .spec import Compare, TableSpec
 
@@ -181,6 +180,25 @@ def _protocol_lines(table: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _row_cells(r: dict[str, Any], cols: list[str]) -> list[str]:
+    n = len(r["seeds"])
+    co = "; ".join(f"s{s}: {','.join(map(str, e)) or '-'}" for s, e in sorted(r["co"].items()))
+    epochs = f" (ep {','.join(map(str, r['epochs']))})" if r["checkpoint"] == "best" and r["epochs"] else ""
+    return [r["cell"], r["checkpoint"] + epochs, str(n),
+            *[_fmt(r["acc"][c], len(r["per_seed"][c])) + _partial(r, c) for c in cols], _fmt(r["epoch_seconds"], n), co]
+
+
+def _claim_cells(c: dict[str, Any], cols: list[str]) -> list[list[str]]:
+    """One row per checkpoint of a claim; the verdict on the first."""
+    rows = []
+    for kind, diffs in c["by_checkpoint"].items():
+        cells = [f"{d['mean']:+.1f} ({d['wins']}/{d['seeds']})" if d["mean"] is not None else "-"
+                 for d in (diffs[col] for col in cols)]
+        verdict = c["verdict"] if kind == next(iter(c["by_checkpoint"])) else ""
+        rows.append([c["claim"], f"{c['ours']} vs {c['base']}", kind, *cells, verdict])
+    return rows
+
+
 def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> str:
     cols = table["columns"]
     lines = [f"### {table['title']}", "", f"Regenerate: `{command}`", ""]
@@ -188,28 +206,14 @@ def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> s
         lines += [f"**Incomplete**: no finished run for {', '.join(table['missing'])}.", ""]
     lines += ["Accuracy (%) on the test examples, mean ± sample standard deviation over seeds; "
               "`best` = epoch with the best PGD-10 accuracy on the held-out validation split, `last` = final epoch.", ""]
-    head = ["cell", "ckpt", "seeds", *cols, "s/epoch", "CO epochs (per seed)"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table["rows"]:
-        n = len(r["seeds"])
-        co = "; ".join(f"s{s}: {','.join(map(str, e)) or '-'}" for s, e in sorted(r["co"].items()))
-        epochs = f" (ep {','.join(map(str, r['epochs']))})" if r["checkpoint"] == "best" and r["epochs"] else ""
-        lines.append("| " + " | ".join([r["cell"], r["checkpoint"] + epochs, str(n),
-                                        *[_fmt(r["acc"][c], len(r["per_seed"][c])) + _partial(r, c) for c in cols],
-                                        _fmt(r["epoch_seconds"], n), co]) + " |")
+    lines += markdown_table(["cell", "ckpt", "seeds", *cols, "s/epoch", "CO epochs (per seed)"],
+                            [_row_cells(r, cols) for r in table["rows"]])
     lines += ["", "CO epochs: the epochs that the catastrophic-overfitting rule of `iat.monitor` (`co_rule`) flags "
               "on each run's recorded validation curves (PGD-10 against FGSM accuracy per epoch)."]
     if table["claims"]:
         lines += ["", "Claims, paired by seed (ours − base, points; best checkpoints decide the verdict):", ""]
-        lines += ["| claim | ours vs base | ckpt | " + " | ".join(cols) + " | verdict |",
-                  "|" + "---|" * (len(cols) + 4)]
-        for c in table["claims"]:
-            for kind, diffs in c["by_checkpoint"].items():
-                cells = [f"{d['mean']:+.1f} ({d['wins']}/{d['seeds']})" if d["mean"] is not None else "-"
-                         for d in (diffs[col] for col in cols)]
-                verdict = c["verdict"] if kind == next(iter(c["by_checkpoint"])) else ""
-                lines.append(f"| {c['claim']} | {c['ours']} vs {c['base']} | {kind} | " + " | ".join(cells)
-                             + f" | {verdict} |")
+        lines += markdown_table(["claim", "ours vs base", "ckpt", *cols, "verdict"],
+                                [cells for c in table["claims"] for cells in _claim_cells(c, cols)])
         lines += ["", "(k/n): ours higher than base in k of n seeds."]
     lines += ["", "Protocol:", *_protocol_lines(table)]
     if curves:
@@ -218,14 +222,10 @@ def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> s
 
 
 def to_csv(table: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["table", "cell", "checkpoint", "seed", *table["columns"]])
-    for r in table["rows"]:
-        for s in r["seeds"]:
-            w.writerow([table["table"], r["cell"], r["checkpoint"], s,
-                        *[r["per_seed"][c].get(s, "") for c in table["columns"]]])
-    return buf.getvalue()
+    """One line per run (cell x checkpoint x seed); CRLF line ends (the csv module's default, kept as committed)."""
+    rows = [[table["table"], r["cell"], r["checkpoint"], s, *[r["per_seed"][c].get(s, "") for c in table["columns"]]]
+            for r in table["rows"] for s in r["seeds"]]
+    return csv_text(["table", "cell", "checkpoint", "seed", *table["columns"]], rows, lineterminator="\r\n")
 
 
 def paste_into(doc: Path, name: str, markdown: str) -> None:

@@ -129,3 +129,23 @@ def test_options_from_strings():
     method = create_method("iat", eps="8/255", steps="5", beta="6", detach_inverse="true")
     assert method.threat.eps == pytest.approx(8 / 255) and method.threat.steps == 5 and method.beta == 6.0
     assert method.detach_inverse is True
+
+
+def test_eps_inv_zero_is_the_natural_anchor_and_runs_no_inverse_attack(tiny_model, batch, monkeypatch):
+    """iat with eps_inv = 0: x~ = x, so L = CE(x') + beta KL(p(x') || p(x)); only the adversary is crafted,
+    and it is the same adversary (same random numbers) as with any other eps_inv."""
+    from iat.attacks import PGD
+
+    x, y = batch
+    tiny_model.eval()
+    calls, original = [], PGD.__call__
+    monkeypatch.setattr(PGD, "__call__", lambda self, *a, **k: calls.append(self.descent) or original(self, *a, **k))
+    method = create_method("iat", bn_mode="keep", eps_inv=0.0, **FAST)
+    torch.manual_seed(0)
+    crafted = method.craft(tiny_model, x, y)
+    assert calls == [False] and torch.equal(crafted["x_inv"], x)
+    loss, _ = method.objective(tiny_model, x, y, crafted)
+    la = tiny_model(crafted["x_adv"])
+    assert torch.allclose(loss, F.cross_entropy(la, y) + 3.5 * kl_div(la, tiny_model(x)).mean(), atol=1e-6)
+    torch.manual_seed(0)
+    assert torch.equal(create_method("iat", bn_mode="keep", **FAST).craft(tiny_model, x, y)["x_adv"], crafted["x_adv"])

@@ -45,6 +45,9 @@ class InverseAnchor:
         CE(f(x~), y) + KL(p(x) || p(x~)) - KL(p(x') || p(x~)), which needs x' first; p(x) and p(x')
         are taken without gradient in the model's current mode.
         """
+        t = self.threat
+        if resolve(self.eps_inv, t.eps) == 0:  # the natural anchor x~ = x: no inverse attack to pay for
+            return x.detach().clone()
         loss = "ce"
         if self.inverse_loss == "ce+kl":
             if x_adv is None:
@@ -57,7 +60,6 @@ class InverseAnchor:
 
             loss = ce_kl_loss
 
-        t = self.threat
         attack = self.attack(eps=resolve(self.eps_inv, t.eps), step_size=resolve(self.step_size_inv, t.step_size),
                              steps=int(resolve(self.steps_inv, t.steps)), descent=True, loss=loss)
         return attack(model, x, y)

@@ -259,3 +259,67 @@ def test_methods_never_touch_the_models_gradients_or_an_optimizer_of_it(tiny_mod
             if isinstance(item, torch.optim.Optimizer):
                 params = [p for g in item.param_groups for p in g["params"]]
                 assert not own & {id(p) for p in params}, name
+
+
+# ----------------------------------------------------------------- AWP defaults per host, warm-up
+@pytest.mark.parametrize("name, gamma, warmup", [("pgd-at+awp", 1e-2, 0.0), ("iat+awp", 1e-2, 0.0),
+                                                 ("trades+awp", 5e-3, 0.05), ("iat-trades+awp", 5e-3, 0.05),
+                                                 ("mart+awp", 5e-3, 0.05), ("iat-mart+awp", 5e-3, 0.05)])
+def test_awp_is_registered_on_every_multistep_recipe_with_its_hosts_defaults(name, gamma, warmup):
+    """The authors' code: AT-AWP gamma 1e-2 from the start; TRADES-AWP gamma 5e-3 after 10 of 200 epochs."""
+    opts = create_method(name).options()
+    assert (opts["gamma"], opts["awp_warmup"]) == (gamma, warmup)
+    assert create_method(name, gamma=0.02, awp_warmup=0.1).options()["gamma"] == 0.02
+
+
+def test_awp_waits_for_its_warmup(tiny_model, batch):
+    x, y = batch
+    tiny_model.eval()
+    method = create_method("trades+awp", bn_mode="keep", **FAST)
+    crafted = method.craft(tiny_model, x, y)
+    plain, _ = method.inner.objective(tiny_model, x, y, crafted)
+    method.at_step(4, 100)  # 4% of training: before the 5% warm-up, the wrapped objective itself
+    before, _ = method.objective(tiny_model, x, y, crafted)
+    method.at_step(5, 100)
+    after, _ = method.objective(tiny_model, x, y, crafted)
+    assert torch.equal(before, plain) and not torch.allclose(after, plain)
+
+
+def test_the_trainer_tells_the_method_where_training_is(tmp_path, monkeypatch):
+    from iat import config as C
+    from iat.training.trainer import Trainer
+
+    cfg = C.update(C.TrainConfig(method="trades+awp", model="cnn", device="cpu", progress=False),
+                   {"data": {"name": "synthetic", "val_size": 128}, "optim": {"epochs": 2, "batch_size": 128},
+                    "threat": {"steps": 1}, "val": {"steps": 1, "n_examples": 32}})
+    trainer = Trainer(cfg, tmp_path)
+    seen = []
+    inner = trainer.method.at_step
+    monkeypatch.setattr(trainer.method, "at_step", lambda step, total: seen.append((step, total)) or inner(step, total))
+    trainer.fit()
+    assert seen == [(t, trainer.total_steps) for t in range(trainer.total_steps)] and trainer.total_steps == 6
+
+
+def test_ce_kl_inverse_loss_takes_its_references_in_the_crafting_bn_mode(tiny_model, batch):
+    """iat-trades crafts in BatchNorm eval mode; p(x) and p(x') of the "ce+kl" inverse loss must come from the
+    same mode (iat 0.1 took them in the training mode while x~ was crafted in eval mode)."""
+    from iat.attacks import ce_loss, kl_div
+
+    x, y = batch
+    tiny_model.train()
+    method = create_method("iat-trades", inverse_loss="ce+kl", **FAST)
+    x_adv = method.trades_example(tiny_model, x, y)
+    torch.manual_seed(0)
+    x_inv = method.inverse_example(tiny_model, x, y, x_adv)
+    assert tiny_model.training
+    tiny_model.eval()
+    with torch.no_grad():
+        nat, adv = tiny_model(x), tiny_model(x_adv)
+    tiny_model.train()
+
+    def by_hand(logits, y, _ref=None):
+        return ce_loss(logits, y) + kl_div(nat, logits) - kl_div(adv, logits)
+
+    torch.manual_seed(0)
+    expected = PGD(eps=8 / 255, step_size=2 / 255, steps=2, descent=True, loss=by_hand, bn_mode="eval")(tiny_model, x, y)
+    assert torch.equal(x_inv, expected)

@@ -310,3 +310,65 @@ def test_paper_schedule_decays_at_epochs_100_and_105():
     steps = 390  # 49000 / 128
     f = lr_factor(cfg.optim, 110 * steps)  # and the same for 100 and 105 of 110 epochs at any batch count
     assert [f(100 * steps - 1), f(100 * steps), f(105 * steps - 1), f(105 * steps)] == pytest.approx([1, 0.1, 0.1, 0.01])
+
+
+def _reference_gradalign_grads(model, x, y, eps, lam, seed):
+    """The authors' computation, re-typed: FGSM from grad1 at x; grad1 without graph (backprop=False),
+    grad2 at x + eta with graph (backprop=True); cosine over examples with two nonzero gradients."""
+    torch.manual_seed(seed)
+    xg = x.clone().requires_grad_(True)
+    grad1 = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)[0].detach()
+    eta = (torch.rand(x.shape) * 2 - 1) * eps
+    eta = (x + eta).clamp(0, 1) - x
+    xe = (x + eta).requires_grad_(True)
+    grad2 = torch.autograd.grad(F.cross_entropy(model(xe), y), xe, create_graph=True)[0]
+    keep = (grad1.flatten(1).norm(dim=1) != 0) & (grad2.flatten(1).norm(dim=1) != 0)
+    g1, g2 = grad1[keep].flatten(1), grad2[keep].flatten(1)
+    cos = ((g1 / g1.norm(dim=1, keepdim=True)) * (g2 / g2.norm(dim=1, keepdim=True))).sum(1)
+    x_adv = (x + eps * grad1.sign()).clamp(0, 1)
+    loss = F.cross_entropy(model(x_adv), y) + lam * (1.0 - cos.mean())
+    return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+
+def test_gradalign_weight_gradient_is_the_authors(tiny_model, batch):
+    """first_grad "detached" (the default) agrees with the authors' code to 1e-6 in every weight gradient;
+    "graph" (iat 0.1) has the same loss but another gradient."""
+    x, y = batch
+    tiny_model.eval()
+    params = list(tiny_model.parameters())
+    ref_loss, ref = _reference_gradalign_grads(tiny_model, x, y, EPS, 0.7, seed=5)
+    grads = {}
+    for first in ("detached", "graph"):
+        method = create_method("gradalign", eps=EPS, bn_mode="keep", align_lambda=0.7, first_grad=first)
+        torch.manual_seed(5)
+        loss, _ = method.loss(tiny_model, x, y)
+        assert torch.allclose(loss, ref_loss, atol=1e-6)
+        grads[first] = torch.autograd.grad(loss, params)
+    for a, b in zip(grads["detached"], ref):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(grads["graph"], ref))
+    with pytest.raises(UsageError):
+        create_method("gradalign", first_grad="both")
+
+
+def test_universal_perturbation_skips_non_finite_class_statistics(tiny_model, batch):
+    """An fp16 overflow step gives inf gradients: iat 0.1 turned U's momentum NaN for good, freezing those rows
+    silently. Now such a class keeps its U and momentum, the others update, and the skip is reported."""
+    x, y = batch
+    method = create_method("uiat-fgsm", eps=EPS, bn_mode="keep")
+    loss, metrics = method.loss(tiny_model, x, y)
+    assert metrics["u_skipped"] == 0
+    grad, labels = method._pending
+    bad = int(labels[0])
+    method._pending = (torch.where((labels == bad).view(-1, 1, 1, 1), torch.full_like(grad, float("inf")), grad),
+                       labels)
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    method.after_backward(tiny_model)
+    after = method.state_dict()
+    assert torch.equal(after["universal"][bad], before["universal"][bad])
+    assert torch.equal(after["momentum"][bad], before["momentum"][bad])
+    assert all(torch.isfinite(v).all() for v in after.values())
+    others = [int(c) for c in labels.unique() if int(c) != bad]
+    assert others and all(not torch.equal(after["momentum"][c], before["momentum"][c]) for c in others)
+    _, metrics = method.loss(tiny_model, x, y)
+    assert metrics["u_skipped"] == 1

@@ -11,8 +11,8 @@ Per batch, following the reference code (csdongxian/AWP):
    of step 1 (nothing is crafted or computed twice);
 4. the trainer's backward and optimizer step run at w + v, then v is taken off again - in a `finally`
    of `step_context`, so also when the loss, the backward or the optimizer step raises.
-The AWP paper starts the perturbation after 10 of 200 epochs; here it runs from the first step
-(gamma = 0 turns it off). X's options pass through: `create_method("trades+awp", beta=6, gamma=5e-3)`.
+Defaults per host follow the authors' code (HOST_DEFAULTS: AT-AWP gamma 1e-2 from the start, TRADES-AWP
+gamma 5e-3 after 10 of 200 epochs, i.e. awp_warmup 0.05 of training; the trainer calls `at_step`). X's options pass through: `create_method("trades+awp", beta=6, gamma=5e-3)`.
 AWP wraps X by composition (`AWP(inner=X)`); X must split `craft` from `objective` (gradalign cannot).
 """
 from __future__ import annotations
@@ -77,14 +77,22 @@ class AWP(Method):
     """
 
     inner_class: ClassVar[type[Method]] = Method
-    AWP_OPTIONS: ClassVar[dict[str, Any]] = {"gamma": float, "awp_lr": float}
+    default_gamma: ClassVar[float] = 5e-3     # per host, set by register_awp (HOST_DEFAULTS)
+    default_warmup: ClassVar[float] = 0.0
+    AWP_OPTIONS: ClassVar[dict[str, Any]] = {"gamma": Optional[float], "awp_lr": float, "awp_warmup": Optional[float]}
 
-    def __init__(self, inner: Method, gamma: float = 5e-3, awp_lr: float = 0.01) -> None:
+    def __init__(self, inner: Method, gamma: Optional[float] = None, awp_lr: float = 0.01,
+                 awp_warmup: Optional[float] = None) -> None:
+        gamma = self.default_gamma if gamma is None else gamma
+        awp_warmup = self.default_warmup if awp_warmup is None else awp_warmup
         if not gamma >= 0:
             raise UsageError(f"gamma must be >= 0, got {gamma}")
         if not awp_lr > 0:
             raise UsageError(f"awp_lr must be positive, got {awp_lr}")
-        self.inner, self.gamma, self.awp_lr = inner, gamma, awp_lr
+        if not 0 <= awp_warmup < 1:
+            raise UsageError(f"awp_warmup is a fraction of training in [0, 1), got {awp_warmup}")
+        self.inner, self.gamma, self.awp_lr, self.awp_warmup = inner, gamma, awp_lr, awp_warmup
+        self._fraction = 1.0  # of training done; at_step() sets it (without it, no warm-up)
         self._awp_active: Optional[tuple[nn.Module, ExitStack]] = None
         self._awp_proxy: Optional[tuple[nn.Module, nn.Module, torch.optim.Optimizer]] = None
 
@@ -111,7 +119,16 @@ class AWP(Method):
         return cls(cls.inner_class.build(threat, **options), **own)
 
     def options(self) -> dict[str, Any]:
-        return {**self.inner.options(), "gamma": self.gamma, "awp_lr": self.awp_lr}
+        return {**self.inner.options(), "gamma": self.gamma, "awp_lr": self.awp_lr, "awp_warmup": self.awp_warmup}
+
+    def at_step(self, step: int, total: int) -> None:
+        """The weight perturbation starts once `awp_warmup` of the training steps are done."""
+        self._fraction = step / max(total, 1)
+        self.inner.at_step(step, total)
+
+    @property
+    def perturbing(self) -> bool:
+        return self.gamma > 0 and self._fraction >= self.awp_warmup
 
     def attack(self, **overrides: Any) -> PGD:
         return self.inner.attack(**overrides)
@@ -123,7 +140,7 @@ class AWP(Method):
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
         """X's objective at w + v, on the inputs crafted at w."""
-        if self.gamma == 0:
+        if not self.perturbing:
             return self.inner.objective(model, x, y, crafted)
         diff = self.weight_perturbation(model, x, y, crafted)
         active = self._awp_active
@@ -182,20 +199,31 @@ class AWP(Method):
         return proxy, optimizer
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(inner={self.inner!r}, gamma={self.gamma}, awp_lr={self.awp_lr})"
+        return (f"{type(self).__name__}(inner={self.inner!r}, gamma={self.gamma}, awp_lr={self.awp_lr}, "
+                f"awp_warmup={self.awp_warmup})")
+
+
+# (gamma, warm-up as a fraction of training) per host, from the authors' code: AT-AWP gamma 1e-2 from the
+# first epoch; TRADES-AWP gamma 5e-3, starting after 10 of 200 epochs. MART has no AWP setting of its
+# authors; its consistency term is TRADES', so it takes TRADES-AWP's.
+HOST_DEFAULTS = {"pgd-at": (1e-2, 0.0), "iat": (1e-2, 0.0), "trades": (5e-3, 0.05), "iat-trades": (5e-3, 0.05),
+                 "mart": (5e-3, 0.05), "iat-mart": (5e-3, 0.05)}
 
 
 def register_awp(name: str) -> type[AWP]:
-    """Register `name+awp` for an already registered method."""
+    """Register `name+awp` for an already registered method, with its host's defaults."""
     inner = METHODS.get(name)
+    gamma, warmup = HOST_DEFAULTS[name]
 
     class Recipe(AWP):
         __doc__ = f"{inner.__name__} + adversarial weight perturbation (Wu et al. 2020). {AWP.__doc__}"
-        inner_class = inner
+        inner_class, default_gamma, default_warmup = inner, gamma, warmup
 
     Recipe.__name__ = Recipe.__qualname__ = f"{inner.__name__}AWP"
-    return METHODS.register(f"{name}+awp", help=f"{name} with adversarial weight perturbation, gamma 5e-3 (Wu et al. 2020)")(Recipe)
+    text = f"{name} with adversarial weight perturbation, gamma {gamma:g}" + (
+        f" after {warmup:.0%} of training" if warmup else "") + " (Wu et al. 2020)"
+    return METHODS.register(f"{name}+awp", help=text)(Recipe)
 
 
-for _name in ("pgd-at", "trades", "iat"):
+for _name in HOST_DEFAULTS:
     register_awp(_name)

@@ -64,6 +64,10 @@ class Method:
         """Wraps forward, backward and optimizer step (AWP perturbs weights here and restores them)."""
         yield
 
+    def at_step(self, step: int, total: int) -> None:
+        """Called before each training step with the global step and the run's total (schedules inside a
+        method, such as AWP's warm-up)."""
+
     def after_backward(self, model: nn.Module) -> None:
         """Called after loss.backward() and before the optimizer step (state updates from gradients)."""
 

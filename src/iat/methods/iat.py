@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import ce_loss, kl_div
+from ..attacks import ce_loss, crafting_mode, kl_div
 from ..errors import UsageError
 from .base import METHODS, Crafted, Method, Metrics, mean_acc, resolve
 
@@ -43,7 +43,7 @@ class InverseAnchor:
 
         With inverse_loss "ce+kl" (a third-party variant) it minimises
         CE(f(x~), y) + KL(p(x) || p(x~)) - KL(p(x') || p(x~)), which needs x' first; p(x) and p(x')
-        are taken without gradient in the model's current mode.
+        are taken without gradient in the BatchNorm mode x~ is crafted in (bn_mode).
         """
         t = self.threat
         if resolve(self.eps_inv, t.eps) == 0:  # the natural anchor x~ = x: no inverse attack to pay for
@@ -52,7 +52,7 @@ class InverseAnchor:
         if self.inverse_loss == "ce+kl":
             if x_adv is None:
                 raise ValueError("inverse_loss 'ce+kl' needs the adversarial example")
-            with torch.no_grad():
+            with torch.no_grad(), crafting_mode(model, self.bn_mode):  # the BatchNorm mode x~ is crafted in
                 nat, adv = model(x).detach(), model(x_adv).detach()
 
             def ce_kl_loss(logits: torch.Tensor, y: torch.Tensor, _ref=None) -> torch.Tensor:

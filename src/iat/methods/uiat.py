@@ -57,15 +57,21 @@ class UniversalPerturbation:
         return stats.index_add_(0, y, rows)
 
     @torch.no_grad()
-    def apply(self, stats: torch.Tensor, step_size: float, mu: float, eps: float) -> None:
-        """The momentum sign-descent step for the classes with at least one example (vectorised)."""
+    def apply(self, stats: torch.Tensor, step_size: float, mu: float, eps: float) -> torch.Tensor:
+        """The momentum sign-descent step for the classes with at least one example (vectorised).
+
+        A class whose statistics are not finite (an fp16 overflow step: the GradScaler skips that optimizer
+        step too) keeps its U and momentum; returns whether any class was skipped (a tensor, no host sync).
+        """
         sums, counts = stats[:, :-1], stats[:, -1:]
-        g = sums / counts.clamp_min(1)
+        finite = torch.isfinite(stats).all(1, keepdim=True)
+        g = torch.where(finite, sums, 0) / counts.clamp_min(1)
         g = g / g.abs().sum(1, keepdim=True).clamp_min(1e-12)
-        present = (counts > 0).view(-1, *([1] * (self.delta.dim() - 1)))
+        present = ((counts > 0) & finite).view(-1, *([1] * (self.delta.dim() - 1)))
         m = torch.where(present, mu * self.momentum + g.view_as(self.momentum), self.momentum)
         u = (self.delta - step_size * m.sign()).clamp(-eps, eps)
         self.momentum, self.delta = m, torch.where(present, u, self.delta)
+        return ((counts > 0) & ~finite).any()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.delta is None:
@@ -98,6 +104,8 @@ class UIATFGSM(Method):
       "kl": x~.grad left by the training backward: beta * grad_x~ KL(p(x') || p(x~)). Free, but
         descending it moves p(x~) towards the adversary's prediction rather than towards y.
     detach_inverse: p(x~) is a fixed teacher (no weight gradient through the x~ branch; cheaper).
+    Metric u_skipped: the fraction of steps whose U update (reported one step later) met a class with
+    non-finite gradient statistics (an fp16 overflow step) and left that class's U and momentum as they were.
     """
 
     host: str = "fgsm-rs"
@@ -124,6 +132,7 @@ class UIATFGSM(Method):
             raise UsageError(f"num_classes must be at least 2, got {self.num_classes}")
         self.universal = UniversalPerturbation()
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._skipped = torch.zeros(())  # whether the previous step's U update skipped a non-finite class
 
     def attack(self, **overrides) -> PGD:
         """The host recipe's single-step adversary with this method's threat model."""
@@ -148,7 +157,8 @@ class UIATFGSM(Method):
         kl = kl_div(logits_adv, logits_inv).mean()
         loss = ce + self.beta * kl
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
-                      "acc_adv": mean_acc(logits_adv, y), "acc_inv": mean_acc(logits_inv, y)}
+                      "acc_adv": mean_acc(logits_adv, y), "acc_inv": mean_acc(logits_inv, y),
+                      "u_skipped": self._skipped.to(loss.device).float()}
 
     def _inverse_logits(self, model: nn.Module, x_inv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """f(x~), and the gradient for U's update (kept until after_backward)."""
@@ -174,7 +184,7 @@ class UIATFGSM(Method):
             grad = grad.grad if grad.grad is not None else torch.zeros_like(grad)
         eps_inv = resolve(self.eps_inv, self.threat.eps)
         stats = all_reduce_(self.universal.class_stats(grad, y))  # DDP: every rank takes the same step on U
-        self.universal.apply(stats, resolve(self.step_size_inv, eps_inv / 4), self.mu, eps_inv)
+        self._skipped = self.universal.apply(stats, resolve(self.step_size_inv, eps_inv / 4), self.mu, eps_inv)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.universal.state_dict()

@@ -73,7 +73,7 @@ class Trainer:
         # DDP wrapper (and torch.compile) when asked for.
         self.train_model = speed.maybe_compile(distributed.wrap(self.model, self.device), cfg.speed)
         self.scaler = speed.grad_scaler(self.device, cfg.speed.amp)
-        total = o.epochs * len(self.loader)
+        total = self.total_steps = o.epochs * len(self.loader)
         self.warmup_steps = int(o.eps_warmup * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(o, total))
         self.val_attacks = {"natural": create_attack("natural"), "robust": self._val_attack()}
@@ -211,6 +211,7 @@ class Trainer:
         if self.warmup_steps:  # eps warm-up: a per-step scale of the one threat model, never a change of the run
             f = min(1.0, (self.progress.global_step + 1) / self.warmup_steps)
             self.method.threat = self.threat.scaled(f)
+        self.method.at_step(self.progress.global_step, self.total_steps)
         model, amp = self.train_model, self.cfg.speed.amp
         x = speed.prepare_input(x, self.cfg.speed)
         with self.method.step_context(model):

@@ -115,3 +115,19 @@ def test_names_come_from_the_registries_and_a_typo_suggests_the_nearest(tmp_path
     assert all(name in help_text for name in METHODS.names())
     assert main(["train", "--method", "pgd_at", "--out", str(tmp_path / "r")]) == 2
     assert "did you mean 'pgd-at'" in capsys.readouterr().err
+
+
+def test_a_small_data_set_trains_with_the_default_validation_split(tmp_path, capsys):
+    """iat 0.1: `--dataset synthetic` (512 training images) failed with "val_size must be ... in [0, 512)"."""
+    out = tmp_path / "run"
+    assert main(["train", "--method", "pgd-at", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1",
+                 "--steps", "1", "--val-steps", "1", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "config.json").read_text())
+    n = record["data"]["train"] + record["data"]["val"]
+    assert record["config"]["data"]["val_size"] is None and record["data"]["val"] == n // 10
+
+
+def test_a_missing_data_set_names_the_command_that_fetches_it(tmp_path, capsys):
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "iat data fetch mnist" in err and "download=True" not in err

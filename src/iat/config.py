@@ -36,7 +36,8 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any 
 class DataConfig:
     name: str = setting("mnist", "data set", choices="datasets", flag="dataset")
     root: Optional[str] = setting(None, "data root folder; none: $IAT_DATA_DIR, else ./data", flag="data-dir")
-    val_size: int = setting(1000, "training images held out for validation and checkpoint selection", flag="val-size")
+    val_size: Optional[int] = setting(None, "training images held out for validation and checkpoint selection "
+                                      "(default: 1000, or a tenth of a training set under 10,000)", flag="val-size")
     augment: str = setting("auto", "augmentation (auto: crop+flip for RGB, none for grey)", choices=AUGMENTS,
                            flag="augment")
     download: bool = setting(False, "download the data set if it is missing")

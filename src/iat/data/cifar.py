@@ -138,7 +138,7 @@ def load_cifar(spec: CifarSpec, root: Path, download: bool = False, url: str | N
         if not download:
             raise UsageError(
                 f"{spec.title} not found: expected {archive} or {folder / spec.folder}/; "
-                f"run {_hint(spec, root)} or pass download=True"
+                f"run {_hint(spec, root)} or pass --data-download"
             )
         fetch_cifar(spec, root, url)
     if archive.is_file():

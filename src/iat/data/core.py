@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -172,12 +172,19 @@ def fetch_dataset(name: str, root: str | Path | None = None, **kw: Any) -> Path:
     return fetcher(_resolve_root(root), **kw)
 
 
-def train_val_split(split: Split, val_size: int, seed: int) -> tuple[Split, Split]:
-    """Hold `val_size` examples of `split` out for validation; the same seed always picks the same ones.
+def auto_val_size(n: int) -> int:
+    """1000 held-out examples, or a tenth of a training set smaller than 10,000."""
+    return 1000 if n >= 10_000 else n // 10
 
-    Both parts keep the original order of their examples, so only the seeded choice differs between seeds.
+
+def train_val_split(split: Split, val_size: Optional[int], seed: int) -> tuple[Split, Split]:
+    """Hold `val_size` examples of `split` out for validation (None: auto_val_size); the same seed always
+    picks the same ones. Both parts keep the original order of their examples, so only the seeded choice
+    differs between seeds.
     """
     n = len(split)
+    if val_size is None:
+        val_size = auto_val_size(n)
     if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < n:
         raise UsageError(f"val_size must be an integer in [0, {n}) for a split of {n} examples, got {val_size!r}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))

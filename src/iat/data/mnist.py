@@ -101,7 +101,7 @@ def load_idx_dataset(name: str, root: Path, download: bool) -> DataBundle:
     if missing:
         raise UsageError(
             f"{TITLES[name]} not found: {folder} lacks {missing[0]}(.gz); "
-            f"run `iat data fetch {name} --root {root}` or pass download=True"
+            f"run `iat data fetch {name} --root {root}` or pass --data-download"
         )
     for stem, path in files.items():
         verify_idx(path, name, stem, root)

@@ -56,7 +56,7 @@ def svhn(root: Path, download: bool = False, url: str | None = None) -> DataBund
     if not all((folder / f).is_file() for f in FILES):
         if not download:
             missing = next(f for f in FILES if not (folder / f).is_file())
-            raise UsageError(f"SVHN not found: {folder} lacks {missing}; run {hint} or pass download=True")
+            raise UsageError(f"SVHN not found: {folder} lacks {missing}; run {hint} or pass --data-download")
         fetch_svhn(root, url)
     for f in FILES:
         check_md5(folder / f, MD5.get(f), hint)

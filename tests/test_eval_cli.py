@@ -165,3 +165,26 @@ def test_report_leaves_out_cumulative_columns():
     merged = merge_evals([each, cum])
     assert merged["rows"]["cw"]["correct"] == 3 and merged["rows"]["pgd20"]["correct"] == 3
     assert merged["worst_case"] == 0.25 and merged["worst_exact"]
+
+
+def test_a_plain_state_dict_is_evaluated_in_its_data_sets_standard_threat_model(tmp_path, capsys, monkeypatch):
+    """iat 0.1: `iat eval model.pt --model M --dataset D` (the README's form) failed "records no threat model".
+    Now it uses D's standard l-inf radius (MNIST 0.3, Fashion-MNIST 0.1, CIFAR and SVHN 8/255) and says so;
+    a data set without one still asks for --eps."""
+    import torch
+
+    from iat.data import standard_eps
+    from iat.data import core
+    from iat.models import create_model
+
+    assert (standard_eps("mnist"), standard_eps("fashion-mnist"), standard_eps("cifar10")) == (0.3, 0.1, 8 / 255)
+    net = create_model("cnn", num_classes=4, in_channels=1, input_size=16, mean=[0.5], std=[0.25])
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    args = ["eval", str(tmp_path / "net.pt"), "--model", "cnn", "--dataset", "synthetic", "--attacks", "natural,fgsm",
+            "--n-examples", "16", "--no-progress"]
+    assert main(args) == 2
+    assert "no standard threat model; give --eps" in capsys.readouterr().err
+    monkeypatch.setitem(core.STANDARD_EPS, "synthetic", 0.25)  # as if synthetic had a field standard
+    assert main(args) == 0
+    result = json.loads((tmp_path / "net.eval.json").read_text())
+    assert result["threat"]["eps"] == 0.25 and "standard" in result["method"]["threat_model"]

@@ -15,6 +15,7 @@ from .core import (
     default_root,
     fetch_dataset,
     load_dataset,
+    standard_eps,
     train_val_split,
 )
 from .loader import BatchLoader
@@ -27,5 +28,6 @@ __all__ = [
     "default_root",
     "fetch_dataset",
     "load_dataset",
+    "standard_eps",
     "train_val_split",
 ]

@@ -17,7 +17,7 @@ import torch
 
 from ..attacks import PGD, Natural, create_attack
 from ..config import setting
-from ..data import load_dataset
+from ..data import load_dataset, standard_eps
 from ..errors import UsageError
 from ..records import EvalRecord, RunRecord
 from ..threat import ThreatModel
@@ -105,10 +105,12 @@ def _load(path: Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, dict[
     if is_pickle(path):  # a state_dict from elsewhere: weights only, architecture and data from the flags
         bundle = load_dataset(cfg.dataset, cfg.data_dir) if cfg.dataset else None
         model, state = load_model_file(path, cfg.model, bundle, device)
-        if cfg.eps is None:
-            raise UsageError(f"{path} records no threat model; give --eps (and --norm, default linf)")
-        about = {"model": state["model_spec"], "method": {"name": "unknown (plain state_dict)"}, "epoch": None}
-        return model, about, bundle, ThreatModel(eps=cfg.eps, norm=cfg.norm or "linf")
+        # the file records no threat model: --eps, else the data set's standard l-inf radius (recorded)
+        eps = cfg.eps if cfg.eps is not None else standard_eps(bundle.name)
+        source = "--eps" if cfg.eps is not None else f"the standard l-inf eps of {bundle.name}"
+        about = {"model": state["model_spec"], "method": {"name": "unknown (plain state_dict)", "threat_model": source},
+                 "epoch": None}
+        return model, about, bundle, ThreatModel(eps=eps, norm=cfg.norm or "linf")
     model, state = load_model(path, device)
     run = RunRecord.from_dict(state.get("resolved"), str(path))
     about = {"model": run.model, "method": run.method, "epoch": state.get("progress", {}).get("epoch")}

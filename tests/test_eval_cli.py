@@ -1,6 +1,7 @@
 """`iat eval` and `iat report` end to end on tiny runs trained on synthetic data."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,38 @@ def test_a_plain_state_dict_is_evaluated_in_its_data_sets_standard_threat_model(
     assert main(args) == 0
     result = json.loads((tmp_path / "net.eval.json").read_text())
     assert result["threat"]["eps"] == 0.25 and "standard" in result["method"]["threat_model"]
+
+
+def test_a_checkpoint_that_does_not_fit_the_data_is_refused_before_any_attack(runs, tmp_path):
+    """iat 0.1 evaluated a 4-class run on 10-class data with exit 0 (and a traceback for another image size)."""
+    from iat.data import load_dataset
+    from iat.errors import UsageError
+    from iat.evaluation.pipeline import check_fits
+    from iat.records import read_run
+
+    spec = read_run(runs["pgd-at"] / "config.json").model
+    check_fits(Path("ckpt"), spec, load_dataset("synthetic"))
+    with pytest.raises(UsageError, match="trained for 4 classes but synthetic has 10"):
+        check_fits(Path("ckpt"), spec, load_dataset("synthetic", num_classes=10))
+    with pytest.raises(UsageError, match="image size"):
+        check_fits(Path("ckpt"), {**spec, "input_size": 32}, load_dataset("synthetic"))
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_evaluated(runs, tmp_path, capsys):
+    """iat 0.1 evaluated NaN weights with exit 0, and its zero-gradient check said PASS."""
+    import shutil
+
+    from iat.training.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["pgd-at"], run)
+    state = load_checkpoint(run / "checkpoints" / "best.safetensors")
+    key = next(k for k, v in state["model"].items() if v.is_floating_point() and v.dim() > 1)
+    state["model"][key] = state["model"][key] * float("nan")
+    save_checkpoint(run / "checkpoints" / "best.safetensors", state)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["eval", str(run), "--attacks", "natural", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite weights" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing written

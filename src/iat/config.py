@@ -23,10 +23,10 @@ AMPS = ("none", "bf16", "fp16")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any = None, flag: Optional[str] = None,
-            factory: Any = dataclasses.MISSING) -> Any:
-    """A config field with its help line, its choices (a tuple, or the name of a registry: "methods", ...)
-    and the short command-line flag it gets (default: --section-name)."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+            factory: Any = dataclasses.MISSING, bounds: Optional[str] = None) -> Any:
+    """A config field with its help line, its choices (a tuple, or the name of a registry: "methods", ...),
+    the short command-line flag it gets (default: --section-name) and its range (values.check_range)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "bounds": bounds}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -46,19 +46,20 @@ class DataConfig:
 @dataclasses.dataclass
 class OptimConfig:
     optimizer: str = setting("sgd", "optimizer", choices="optimizers", flag="optimizer")
-    epochs: int = setting(10, "training epochs", flag="epochs")
-    batch_size: int = setting(128, "global batch size (split over torchrun processes)", flag="batch-size")
-    lr: float = setting(0.1, "peak learning rate", flag="lr")
-    momentum: float = setting(0.9, "SGD momentum")
-    weight_decay: float = setting(5e-4, "weight decay", flag="weight-decay")
+    epochs: int = setting(10, "training epochs", flag="epochs", bounds="[1, 1e9]")
+    batch_size: int = setting(128, "global batch size (split over torchrun processes)", flag="batch-size",
+                         bounds="[1, 1e9]")
+    lr: float = setting(0.1, "peak learning rate", flag="lr", bounds="(0, inf)")
+    momentum: float = setting(0.9, "SGD momentum", bounds="[0, 1)")
+    weight_decay: float = setting(5e-4, "weight decay", flag="weight-decay", bounds="[0, inf)")
     nesterov: bool = setting(False, "Nesterov momentum (SGD)")
     schedule: str = setting("piecewise", "learning-rate schedule, per step", choices="schedules", flag="schedule")
     milestones: tuple[float, ...] = setting((0.5, 0.75), "piecewise: fractions of training where lr *= gamma")
-    gamma: float = setting(0.1, "piecewise: lr factor at each milestone")
-    peak: float = setting(0.4, "cyclic: fraction of training at which lr peaks")
-    grad_clip: float = setting(0.0, "clip the gradient norm to this (0: off)")
+    gamma: float = setting(0.1, "piecewise: lr factor at each milestone", bounds="(0, inf)")
+    peak: float = setting(0.4, "cyclic: fraction of training at which lr peaks", bounds="(0, 1)")
+    grad_clip: float = setting(0.0, "clip the gradient norm to this (0: off)", bounds="[0, inf)")
     eps_warmup: float = setting(0.0, "fraction of training over which eps and step size ramp up from 0 (a per-step "
-                                "scale of the threat model)", flag="eps-warmup")
+                                "scale of the threat model)", flag="eps-warmup", bounds="[0, 1)")
 
 
 @dataclasses.dataclass
@@ -67,9 +68,9 @@ class ValConfig:
 
     attack: str = setting("pgd", "validation attack, in the run's threat model (step eps/4)", choices="attacks",
                           flag="val-attack")
-    steps: int = setting(10, "steps of the validation attack", flag="val-steps")
-    n_examples: int = setting(1000, "held-out examples scored each epoch", flag="val-examples")
-    batch_size: int = setting(500, "validation batch size")
+    steps: int = setting(10, "steps of the validation attack", flag="val-steps", bounds="[1, 1e6]")
+    n_examples: int = setting(1000, "held-out examples scored each epoch", flag="val-examples", bounds="[0, 1e9]")
+    batch_size: int = setting(500, "validation batch size", bounds="[1, 1e9]")
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ class SpeedConfig:
 class TrainConfig:
     method: str = setting("iat", "training method", choices="methods", flag="method")
     model: str = setting("cnn", "architecture", choices="models", flag="model")
-    seed: int = setting(0, "random seed of data order, attacks and weights", flag="seed")
+    seed: int = setting(0, "random seed of data order, attacks and weights", flag="seed", bounds="[0, 2**63)")
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda or cuda:N", flag="device")
     method_options: dict[str, Any] = setting(help="the method's options (-O KEY=VALUE)", factory=dict)
     data: DataConfig = setting(factory=DataConfig)
@@ -94,7 +95,7 @@ class TrainConfig:
     val: ValConfig = setting(factory=ValConfig)
     speed: SpeedConfig = setting(factory=SpeedConfig)
     checkpoint_every_steps: int = setting(0, "also save the training state every N batches (0: only at the end "
-                                          "of each epoch)", flag="checkpoint-every")
+                                          "of each epoch)", flag="checkpoint-every", bounds="[0, 1e12]")
     progress: bool = setting(True, "progress bars")
 
 

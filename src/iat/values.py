@@ -108,3 +108,15 @@ def parse_literal(text: str) -> Any:
     if text.lower() in TRUE[:1] + FALSE[:1]:
         return text.lower() == "true"
     return text
+
+
+def check_range(value: Any, bounds: str, name: str = "value") -> None:
+    """`bounds` like "[0, 1)", "(0, inf)" or "[0, 2**63)": a UsageError naming the range unless value lies in it."""
+    if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
+        return
+    lo_text, hi_text = (t.strip() for t in bounds[1:-1].split(","))
+    lo, hi = (math.inf if t == "inf" else 2**63 if t == "2**63" else float(t) for t in (lo_text, hi_text))
+    low_ok = value >= lo if bounds[0] == "[" else value > lo
+    high_ok = value <= hi if bounds[-1] == "]" else value < hi
+    if not (low_ok and high_ok):
+        raise UsageError(f"{name} must be in {bounds}, got {value!r}")

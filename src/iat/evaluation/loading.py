@@ -53,6 +53,10 @@ def load_model(path: Union[str, Path], device: Any = "cpu") -> tuple[nn.Module, 
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise UsageError(f"checkpoint {path} does not fit model {spec['name']}: {first}") from None
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UsageError(f"checkpoint {path} holds non-finite weights ({bad[0]}); it cannot be evaluated, use "
+                         "another checkpoint")
     model.to(device).eval()
     return model, state
 

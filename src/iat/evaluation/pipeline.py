@@ -116,7 +116,19 @@ def _load(path: Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, dict[
     about = {"model": run.model, "method": run.method, "epoch": state.get("progress", {}).get("epoch")}
     data = run.config["data"]
     bundle = load_dataset(cfg.dataset or data["name"], cfg.data_dir or data["root"])
+    check_fits(path, state["model_spec"], bundle)
     return model, about, bundle, ThreatModel(**run.config["threat"])
+
+
+def check_fits(path: Path, spec: dict[str, Any], bundle: Any) -> None:
+    """The checkpoint's classes, channels and image size must be the data's (else a number means nothing)."""
+    _, c, h, w = bundle.test.x.shape
+    for what, mine, theirs in (("classes", spec.get("num_classes"), bundle.num_classes),
+                               ("input channels", spec.get("in_channels"), int(c)),
+                               ("image size", spec.get("input_size"), int(h))):
+        if mine is not None and mine != theirs:
+            raise UsageError(f"{path} was trained for {mine} {what} but {bundle.name} has {theirs}; evaluate it on "
+                             "the data set it was trained on (--dataset)")
 
 
 def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:

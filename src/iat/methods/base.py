@@ -25,11 +25,16 @@ from ..attacks import PGD
 from ..errors import UsageError
 from ..registry import Registry, did_you_mean
 from ..threat import ThreatModel
-from ..values import coerce
+from ..values import check_range, coerce
 
 Metrics = dict[str, torch.Tensor]
 Crafted = dict[str, torch.Tensor]   # the method's crafted inputs, by name: "x_adv", "x_inv", ...
 THREAT_KEYS = tuple(f.name for f in dataclasses.fields(ThreatModel))
+# The range of every numeric option some method has, checked by create_method (values.check_range).
+OPTION_BOUNDS = {"beta": "[0, inf)", "align_lambda": "[0, inf)", "eps_inv": "[0, 1]", "step_size_inv": "(0, inf)",
+                 "steps_inv": "[1, 1e6]", "init_radius": "[0, 1]", "gamma": "[0, inf)", "awp_lr": "(0, inf)",
+                 "awp_warmup": "[0, 1)", "mu": "[0, 1)", "step_scale": "(0, inf)", "init_scale": "[0, inf)",
+                 "num_classes": "[2, 1e9]"}
 
 
 @dataclasses.dataclass
@@ -120,6 +125,9 @@ def create_method(name: str, threat: Optional[ThreatModel] = None, **options: An
         raise UsageError(f"method {name!r} has no option {', '.join(unknown)}"
                          f"{did_you_mean(unknown[0], types)}; its options are: {', '.join(sorted(types))}")
     kw = {k: coerce(v, types[k], f"method option {k}") for k, v in options.items()}
+    for k, v in kw.items():
+        if k in OPTION_BOUNDS:
+            check_range(v, OPTION_BOUNDS[k], f"method option {k}")
     return cls.build(threat, **kw)
 
 

@@ -10,6 +10,7 @@ from ..data import BatchLoader, Split
 from ..errors import UsageError
 from ..methods import Method, create_method
 from ..registry import Registry, did_you_mean
+from ..values import check_range
 from . import speed
 
 
@@ -27,13 +28,18 @@ def registries() -> dict[str, Registry]:
 
 
 def check_choices(cfg: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-    """Every field with choices holds one of them (a typo suggests the nearest name)."""
+    """Every field lies in its range, and every field with choices holds one of them (a typo suggests the
+    nearest name)."""
     named = registries()
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_choices(value, f"{prefix}{f.name}.", skip)
             continue
+        if f.metadata.get("bounds"):
+            check_range(value, f.metadata["bounds"], f"{prefix}{f.name}")
+        if isinstance(value, tuple) and f.name == "milestones" and not all(0 <= m <= 1 for m in value):
+            raise UsageError(f"{prefix}{f.name} are fractions of training in [0, 1], got {list(value)}")
         choices = f.metadata.get("choices")
         if choices is None or f"{prefix}{f.name}" in skip:
             continue
@@ -47,19 +53,9 @@ def check_choices(cfg: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> Non
 def validate_config(cfg: C.TrainConfig, own_data: bool = False) -> None:
     """Check the values no component checks for itself, before any work starts (own_data: the caller hands
     the trainer its own data bundle, so data.name need not be a registered data set)."""
-    check_choices(cfg, skip=("data.name",) if own_data else ())
-    o = cfg.optim
-    if o.epochs < 1:
-        raise UsageError(f"epochs must be at least 1, got {o.epochs}")
-    if o.batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {o.batch_size}")
-    if not o.lr > 0:
-        raise UsageError(f"learning rate must be positive, got {o.lr}")
-    if not 0 <= o.eps_warmup < 1:
-        raise UsageError(f"optim.eps_warmup is a fraction of training in [0, 1), got {o.eps_warmup}")
-    if cfg.checkpoint_every_steps < 0:
-        raise UsageError(f"checkpoint_every_steps must be >= 0 (0: only at the end of each epoch), "
-                         f"got {cfg.checkpoint_every_steps}")
+    check_choices(cfg, skip=("data.name",) if own_data else ())  # and every field's range
+    if cfg.threat.eps == 0:
+        raise UsageError("eps is 0: there is no threat to train against; give --eps > 0 (or train --method standard)")
     speed.validate(cfg.speed)
 
 

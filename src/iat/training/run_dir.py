@@ -6,11 +6,14 @@ run is never replaced without `overwrite`; a resumed run keeps the settings in i
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .. import config as C
 from ..errors import UsageError
@@ -50,16 +53,51 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, o
     check_writable(out)
     trainer = Trainer(cfg, out)  # every bad input fails here, before anything in `out` changes
     main_rank = trainer.dist.is_main  # under torchrun only rank 0 touches the run directory
-    if saved is not None and (out / "checkpoints" / "last.safetensors").exists():
-        trainer.resume()
-    elif saved is not None:
-        trainer.check_same_run(saved, out / "config.json")
-        if main_rank:
-            print(f"iat: {out} holds no checkpoint yet; starting the run from the beginning", file=sys.stderr)
+    with run_lock(out) if main_rank else _no_lock():
+        if holds_run(out) and not exists:  # another process started a run here while we were loading
+            raise UsageError(f"{out} already holds a run (started meanwhile by another process); pass --resume to "
+                             "continue it or --overwrite to replace it")
+        if saved is not None and (out / "checkpoints" / "last.safetensors").exists():
+            trainer.resume()
+        elif saved is not None:
+            trainer.check_same_run(saved, out / "config.json")
+            if main_rank:
+                print(f"iat: {out} holds no checkpoint yet; starting the run from the beginning", file=sys.stderr)
+                clear(out)
+        elif exists and main_rank:
             clear(out)
-    elif exists and main_rank:
-        clear(out)
-    return trainer.fit()  # starts with a barrier, so no rank trains before the directory is cleared
+        return trainer.fit()  # starts with a barrier, so no rank trains before the directory is cleared
+
+
+def lock_path(out: Path) -> Path:
+    """Beside the run directory, so taking the lock creates nothing inside it."""
+    return out.parent / f".{out.name}.iat-lock"
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """An OS lock held for the whole run: a second `iat train` into the same folder gets a one-line error
+    naming the holder; the kernel drops the lock of a process that dies, so a stale lock cannot block."""
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise UsageError(f"{out} is in use by a running iat (pid {holder}); wait for it to finish or choose "
+                             "another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
 
 
 def clear(out: Path) -> None:

@@ -243,3 +243,58 @@ def test_a_second_train_into_a_running_run_directory_is_refused(tmp_path, capsys
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it now
     finally:
         os.close(fd)
+
+
+TINY = ["train", "--method", "standard", "--dataset", "synthetic", "--model", "cnn", "--epochs", "2",
+        "--val-examples", "16", "--no-progress"]
+
+
+def test_overwrite_removes_exactly_what_iat_wrote(tmp_path, capsys):
+    """iat 0.1 left the old run's eval-best.{json,csv,md} beside the new run."""
+    out = tmp_path / "run"
+    assert main([*TINY, "--epochs", "1", "--out", str(out)]) == 0
+    for name in ("eval-best.json", "eval-best.csv", "eval-best.md", "eval-best-eps-sweep.png", "notes.txt"):
+        (out / name).write_text("old")
+    assert main([*TINY, "--epochs", "1", "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "notes.txt"]
+
+
+def test_a_folder_with_only_metric_lines_is_not_appended_to(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert main([*TINY, "--out", str(out)]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+
+
+def test_sigterm_ends_like_ctrl_c_with_one_line(tmp_path):
+    proc = run_iat("train", *RUN, "--out", str(tmp_path / "run"))
+    wait_for_mid_epoch_checkpoint(tmp_path / "run", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("iat: interrupted") and "--resume" in err
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from iat.training import checkpoint
+
+    out = tmp_path / "run"
+    real, calls = checkpoint.atomic_write_bytes, []
+
+    def filling_up(path, data):
+        calls.append(path)
+        if len(calls) > 2:  # epoch 1's best and last are written; epoch 2's first write finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", filling_up)
+    assert main([*TINY, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    state = load_checkpoint(out / "checkpoints" / "last.safetensors")
+    assert state["progress"]["epoch"] == 1  # the previous checkpoint, whole
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]

@@ -8,6 +8,7 @@ message and status 1.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from typing import Any, Optional, Sequence
@@ -31,6 +32,7 @@ def _show_warning(message: Any, *_: Any, **__: Any) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _on_sigterm_interrupt()
     try:
         with warnings.catch_warnings():  # restores the global hook when main returns (tests call main())
             warnings.showwarning = _show_warning
@@ -46,8 +48,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"iat: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("iat: interrupted", file=sys.stderr)
+        print("iat: interrupted; the last checkpoint written (if any) is kept, and --resume continues from it",
+              file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _on_sigterm_interrupt() -> Any:
+    """SIGTERM (a scheduler's stop) ends like Ctrl-C: one line saying what was kept. Main thread only."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
 if __name__ == "__main__":

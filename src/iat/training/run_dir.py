@@ -21,10 +21,12 @@ from ..records import RunRecord, read_run
 from .checkpoint import load_checkpoint
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json")
+EVAL_FILES = ("eval-*.json", "eval-*.csv", "eval-*.md", "eval-*-eps-sweep.png")  # what iat eval writes beside a run
 
 
 def holds_run(out: Path) -> bool:
-    return (out / "config.json").exists() or (out / "checkpoints").exists()
+    """A folder holds a run if iat wrote any of its files there (a lone metrics.jsonl counts too)."""
+    return any((out / name).exists() for name in RUN_FILES)
 
 
 def saved_run(out: Path) -> RunRecord:
@@ -101,9 +103,13 @@ def _no_lock() -> Iterator[None]:
 
 
 def clear(out: Path) -> None:
+    """Remove exactly what an earlier run and its evaluations wrote (--overwrite); nothing else in `out`."""
     for name in RUN_FILES:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for pattern in EVAL_FILES:
+        for path in out.glob(pattern):
+            path.unlink()
 
 
 def check_writable(out: Path) -> None:

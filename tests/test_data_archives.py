@@ -226,7 +226,11 @@ def test_imagefolder_reads_an_archive_without_writing_beside_it(tmp_path, monkey
     # The second load comes from the decoded-array cache: nothing is decoded again.
     monkeypatch.setattr(imagefolder_mod, "decode_images", lambda *a: pytest.fail("decoded twice"))
     assert np.array_equal(load_dataset("imagefolder", path=archive).train.x.numpy(), bundle.train.x.numpy())
-    archive.touch()  # a changed archive is decoded afresh
+    archive.touch()  # the same bytes with a new mtime: still the cache (keyed by content)
+    load_dataset("imagefolder", path=archive)
+    Image.fromarray(255 - pixels["test/cat/02.png"]).save(tmp_path / "src" / "mini" / "test" / "cat" / "02.png")
+    with tarfile.open(archive, "w:gz") as tar:  # other bytes: decoded afresh
+        tar.add(tmp_path / "src" / "mini", arcname="mini")
     with pytest.raises(pytest.fail.Exception, match="decoded twice"):
         load_dataset("imagefolder", path=archive)
 
@@ -278,3 +282,34 @@ def test_cifar10_jpeg_reads_a_copy_and_says_what_it_is(tmp_path, monkeypatch):
     monkeypatch.setattr(jpeg_mod, "SHARED_COPY", tmp_path / "absent.tar.gz")
     with pytest.raises(UsageError, match="cifar10-jpeg.tar.gz not found"):
         load_dataset("cifar10-jpeg", tmp_path / "elsewhere")
+
+
+def test_two_archives_with_one_name_size_and_mtime_are_not_confused(tmp_path):
+    """iat 0.1 keyed the decoded-array cache by archive name, size and mtime: the second of two such archives
+    was read as the first one's images."""
+    import os
+    import tarfile
+
+    archives = []
+    for k in (0, 1):
+        root = tmp_path / f"src{k}"
+        for split in ("train", "test"):
+            for c in ("ant", "bee"):
+                (root / split / c).mkdir(parents=True)
+                for i in range(2):  # uncompressed PPM: every archive has the same size
+                    Image.new("RGB", (4, 4), (100 * k + 10 * i, 50, 50)).save(root / split / c / f"{i}.ppm")
+        archive = tmp_path / f"copy{k}" / "data.tar"
+        archive.parent.mkdir()
+        with tarfile.open(archive, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for member in sorted(p for p in root.rglob("*")):
+                info = tar.gettarinfo(member, arcname=str(member.relative_to(root)))
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                with open(member, "rb") if member.is_file() else open(os.devnull, "rb") as f:
+                    tar.addfile(info, f if member.is_file() else None)
+        os.utime(archive, ns=(10**18, 10**18))
+        archives.append(archive)
+    assert archives[0].stat().st_size == archives[1].stat().st_size
+    assert archives[0].read_bytes() != archives[1].read_bytes()
+    first, second = (load_dataset("imagefolder", path=a) for a in archives)
+    assert not np.array_equal(first.train.x.numpy(), second.train.x.numpy())
+    assert int(second.train.x[..., 0].max()) >= 100  # the second archive's own pixels

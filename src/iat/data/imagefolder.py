@@ -3,7 +3,8 @@
 An archive is read in one streaming pass, never extracted: nothing is written beside it (its folder may be
 read-only), 60k small files need not be written and read back, and each member is still checked as a safe
 extraction would check it. The decoded uint8 arrays are cached in the cache dir ($IAT_CACHE_DIR or
-~/.cache/iat), keyed by the source's names, sizes and mtimes, so only the first load pays for decoding.
+~/.cache/iat), keyed by an archive's content hash (a folder's names, sizes and mtimes), so only the first load pays for
+decoding.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from PIL import Image
 
 from ..errors import UsageError
 from .core import DATASETS, DataBundle, Split, make_bundle
-from .files import cache_dir, iter_tar, log, reading_archive
+from .files import cache_dir, iter_tar, log, reading_archive, sha256_file
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -192,9 +193,8 @@ def _slug(text: str) -> str:
 def _read_arrays(path: Path, channels: int) -> dict[str, np.ndarray]:
     """Decoded arrays for a folder or archive, from the cache when the source is unchanged."""
     base = cache_dir() / "imagefolder"
-    if path.is_file():
-        st = path.stat()
-        arrays_dir = base / f"{_slug(path.name)}-{st.st_size}-{st.st_mtime_ns}-c{channels}-v{CACHE_VERSION}"
+    if path.is_file():  # keyed by content: two archives of one name, size and mtime are still told apart
+        arrays_dir = base / f"{_slug(path.name)}-{sha256_file(path)[:20]}-c{channels}-v{CACHE_VERSION}"
         cached = _load_cached(arrays_dir)
         if cached is not None:
             return cached

@@ -17,8 +17,16 @@ from ..errors import UsageError
 from .commands import COMMANDS
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with a pointer to --help), exit status 2, like every other."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iat", description="Inverse adversarial training and robust evaluation.")
+    parser = Parser(prog="iat", description="Inverse adversarial training and robust evaluation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for make_parser, _ in COMMANDS.values():

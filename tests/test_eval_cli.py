@@ -224,3 +224,30 @@ def test_a_checkpoint_with_non_finite_weights_is_not_evaluated(runs, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "non-finite weights" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing written
+
+
+def test_an_unwritable_output_is_found_before_the_evaluation(runs, tmp_path, capsys, monkeypatch):
+    from iat.evaluation import pipeline
+
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setattr(pipeline, "robust_accuracy", lambda *a, **k: pytest.fail("evaluated first"))
+    assert main(["eval", str(runs["pgd-at"]), "--attacks", "natural", "--no-progress",
+                 "--out", str(tmp_path / "a-file" / "eval.json")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_architecture_names_the_mismatch(runs, tmp_path, capsys):
+    import shutil
+
+    from iat.training.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["pgd-at"], run)
+    path = run / "checkpoints" / "best.safetensors"
+    state = load_checkpoint(path)
+    key = next(k for k, v in state["model"].items() if v.dim() > 1)
+    state["model"][key] = torch.zeros(3, *state["model"][key].shape[1:])
+    save_checkpoint(path, state)
+    assert main(["eval", str(run), "--attacks", "natural", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "size mismatch" in err and key in err

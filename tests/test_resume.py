@@ -298,3 +298,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys
     state = load_checkpoint(out / "checkpoints" / "last.safetensors")
     assert state["progress"]["epoch"] == 1  # the previous checkpoint, whole
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_diverging_run_without_a_checkpoint_does_not_claim_one_was_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--method", "standard", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1",
+            "--batch-size", "64", "--val-size", "128", "--val-examples", "64", "--lr", "1e30", "--no-progress",
+            "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "non-finite" in err and "no checkpoint had been written yet" in err
+    assert not (out / "checkpoints" / "last.safetensors").exists()

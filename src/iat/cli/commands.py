@@ -103,6 +103,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.target, cfg)
     if out.suffix != ".json":
         raise UsageError(f"--out must name a .json file (CSV and Markdown go beside it), got {out}")
+    from ..training.run_dir import check_writable
+
+    check_writable(out.parent)  # before the evaluation, not after it
     result = evaluate_checkpoint(args.target, cfg)
     written = write_eval_files(result, out)
     print(f"{result.checkpoint} (epoch {result.checkpoint_epoch}) on {result.data['source']}, "

@@ -51,8 +51,10 @@ def load_model(path: Union[str, Path], device: Any = "cpu") -> tuple[nn.Module, 
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise UsageError(f"checkpoint {path} does not fit model {spec['name']}: {first}") from None
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines[1:] if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), lines[0] if lines else "")
+        raise UsageError(f"checkpoint {path} does not fit model {spec['name']}: {detail[:300]}") from None
     bad = [k for k, v in state["model"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise UsageError(f"checkpoint {path} holds non-finite weights ({bad[0]}); it cannot be evaluated, use "

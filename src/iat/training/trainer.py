@@ -235,8 +235,7 @@ class Trainer:
             return
         p = self.progress
         where = f"epoch {p.epoch + 1}, step {p.step}" if p.step else f"the end of epoch {p.epoch}"
-        raise UsageError(f"non-finite weights at {where}; training stopped, the last good checkpoint is kept in "
-                         f"{self.out / 'checkpoints'} (try a lower learning rate)")
+        raise UsageError(f"non-finite weights at {where}; training stopped, {self._kept()} (try a lower learning rate)")
 
     def _check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
         if self.dist.enabled:  # the first bad step of any rank, so that every rank stops together
@@ -245,8 +244,13 @@ class Trainer:
             bad_step = torch.where(first == never, -1, first)
         step = int(bad_step)
         if step >= 0:
-            raise UsageError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped, the last "
-                             f"good checkpoint is kept in {self.out / 'checkpoints'} (try a lower learning rate)")
+            raise UsageError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped, {self._kept()} "
+                             "(try a lower learning rate)")
+
+    def _kept(self) -> str:
+        last = self.out / "checkpoints" / "last.safetensors"
+        return (f"the last good checkpoint is kept in {last}" if last.exists()
+                else "no checkpoint had been written yet (--checkpoint-every N saves within an epoch)")
 
     def end_epoch(self, epoch: int, train_metrics: dict[str, float], train_time: float) -> MetricLine:
         p = self.progress

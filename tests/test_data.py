@@ -250,3 +250,14 @@ def test_trainer_warns_when_validation_examples_miss_classes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same data in mixed order: silent
         Trainer(cfg, tmp_path / "mixed", make_bundle("custom", split, split, list("abcd"), "test"))
+
+
+def test_class_coverage_warns_when_the_split_itself_lacks_some_of_the_models_classes():
+    """iat 0.1 said PASS for a test split missing a class (it compared the subset with the split only)."""
+    from iat.evaluation.sanity import check_class_coverage
+
+    y = torch.arange(300) % 3  # classes 0, 1, 2 of a 4-class model
+    assert check_class_coverage(y, y).status == "pass"
+    warn = check_class_coverage(y, y, "test", num_classes=4)
+    assert warn.status == "warn" and "3 of the model's 4 classes" in warn.message and warn.details["absent_from_split"] == [3]
+    assert check_class_coverage(y, y, "test", num_classes=3).status == "pass"

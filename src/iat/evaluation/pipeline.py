@@ -155,7 +155,7 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
     acc = robust_accuracy(model, x, y, attacks, batch_size=cfg.batch_size, progress=cfg.progress, desc="eval",
                           worst_case_only=cfg.worst_case_only, generator=torch.Generator().manual_seed(cfg.seed))
     checks = [c.to_dict() for c in run_checks(model, x, y, attacks, acc, batch_size=cfg.batch_size)]
-    checks.append(check_class_coverage(y, test.y, "test").to_dict())
+    checks.append(check_class_coverage(y, test.y, "test", (about["model"] or {}).get("num_classes")).to_dict())
     sweep = None
     if sweep_eps:
         points = eps_sweep(model, x, y, sweep_eps, attack=cfg.sweep_attack, norm=threat.norm,

@@ -49,12 +49,19 @@ def check_robust_vs_natural(acc: Accuracy) -> Check:
                  "and the worst case at most every attack", details)
 
 
-def check_class_coverage(y: torch.Tensor, y_split: torch.Tensor, what: str = "evaluated") -> Check:
+def check_class_coverage(y: torch.Tensor, y_split: torch.Tensor, what: str = "evaluated",
+                         num_classes: Optional[int] = None) -> Check:
     """The first examples of a split must not miss classes the split holds: a split ordered by class gives a
     one-class subset, whose accuracy describes that class only. Warns only where a random subset of the
-    same size would almost surely (p > 0.99) cover every class."""
+    same size would almost surely (p > 0.99) cover every class. With `num_classes` (the model's), a split
+    that itself lacks some of the model's classes is a warning too."""
     name = "class_coverage"
     classes, counts = torch.unique(y_split, return_counts=True)
+    absent = sorted(set(range(num_classes)) - set(classes.tolist())) if num_classes else []
+    if absent:
+        return Check(name, "warn", f"the {what} split holds only {len(classes)} of the model's {num_classes} "
+                     f"classes (none of {absent[:5]}{' ...' if len(absent) > 5 else ''}): its accuracy says nothing "
+                     "about those classes", {"n": len(y), "classes": len(classes), "absent_from_split": absent})
     seen = set(torch.unique(y).tolist())
     missing = [int(c) for c in classes.tolist() if c not in seen]
     details = {"n": len(y), "classes": len(classes), "missing": missing}

@@ -24,6 +24,15 @@ KL_DIRECTIONS = ("adv||inv", "inv||adv")
 INVERSE_LOSSES = ("ce", "ce+kl")
 
 
+def anchor_kl(logits_adv: torch.Tensor, logits_inv: torch.Tensor, kl_direction: str) -> torch.Tensor:
+    """Per-example KL between the adversary and the inverse anchor, in the chosen direction."""
+    if kl_direction == "inv||adv":
+        return kl_div(logits_inv, logits_adv)
+    if kl_direction == "adv||inv":
+        return kl_div(logits_adv, logits_inv)
+    raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
+
+
 @dataclasses.dataclass
 class InverseAnchor:
     """Mixin: how the inverse adversary x~ is crafted (shared by iat, iat-trades, iat-mart)."""
@@ -32,10 +41,20 @@ class InverseAnchor:
     step_size_inv: Optional[float] = None
     steps_inv: Optional[int] = None
     inverse_loss: str = "ce"
+    detach_inverse: bool = False
 
-    def check_inverse(self) -> None:
+    def check_inverse(self, kl_direction: str) -> None:
         if self.inverse_loss not in INVERSE_LOSSES:
             raise UsageError(f"inverse_loss must be one of {INVERSE_LOSSES}, got {self.inverse_loss!r}")
+        if kl_direction not in KL_DIRECTIONS:
+            raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
+
+    def inverse_logits(self, model: nn.Module, x_inv: torch.Tensor) -> torch.Tensor:
+        """f(x~); with detach_inverse the inverse branch is a fixed teacher (no gradient)."""
+        if self.detach_inverse:
+            with torch.no_grad():
+                return model(x_inv)
+        return model(x_inv)
 
     def inverse_example(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         x_adv: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -46,7 +65,8 @@ class InverseAnchor:
         are taken without gradient in the BatchNorm mode x~ is crafted in (bn_mode).
         """
         t = self.threat
-        if resolve(self.eps_inv, t.eps) == 0:  # the natural anchor x~ = x: no inverse attack to pay for
+        eps_inv = resolve(self.eps_inv, t.eps)
+        if eps_inv == 0:  # the natural anchor x~ = x: no inverse attack to pay for
             return x.detach().clone()
         loss = "ce"
         if self.inverse_loss == "ce+kl":
@@ -60,7 +80,7 @@ class InverseAnchor:
 
             loss = ce_kl_loss
 
-        attack = self.attack(eps=resolve(self.eps_inv, t.eps), step_size=resolve(self.step_size_inv, t.step_size),
+        attack = self.attack(eps=eps_inv, step_size=resolve(self.step_size_inv, t.step_size),
                              steps=int(resolve(self.steps_inv, t.steps)), descent=True, loss=loss)
         return attack(model, x, y)
 
@@ -77,12 +97,9 @@ class IAT(InverseAnchor, Method):
 
     beta: float = 3.5
     kl_direction: str = "adv||inv"
-    detach_inverse: bool = False
 
     def __post_init__(self) -> None:
-        self.check_inverse()
-        if self.kl_direction not in KL_DIRECTIONS:
-            raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {self.kl_direction!r}")
+        self.check_inverse(self.kl_direction)
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
         x_adv = self.attack()(model, x, y)
@@ -91,16 +108,9 @@ class IAT(InverseAnchor, Method):
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
         logits_adv = model(crafted["x_adv"])
-        if self.detach_inverse:
-            with torch.no_grad():
-                logits_inv = model(crafted["x_inv"])
-        else:
-            logits_inv = model(crafted["x_inv"])
+        logits_inv = self.inverse_logits(model, crafted["x_inv"])
         ce = F.cross_entropy(logits_adv, y)
-        if self.kl_direction == "adv||inv":
-            kl = kl_div(logits_adv, logits_inv).mean()
-        else:
-            kl = kl_div(logits_inv, logits_adv).mean()
+        kl = anchor_kl(logits_adv, logits_inv, self.kl_direction).mean()
         loss = ce + self.beta * kl
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach(),
                       "acc_adv": mean_acc(logits_adv, y), "acc_inv": mean_acc(logits_inv, y)}

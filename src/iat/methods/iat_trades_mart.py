@@ -18,21 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks import kl_div
-from ..errors import UsageError
 from .base import METHODS, Crafted, Method, Metrics, mean_acc
-from .iat import KL_DIRECTIONS, InverseAnchor
+from .iat import InverseAnchor, anchor_kl
 from .mart import boosted_ce, true_prob
 from .trades import SmallStart, Terms
-
-
-def anchor_kl(logits_adv: torch.Tensor, logits_inv: torch.Tensor, kl_direction: str) -> torch.Tensor:
-    """Per-example KL between the inverse anchor and the adversary, in the chosen direction."""
-    if kl_direction == "inv||adv":
-        return kl_div(logits_inv, logits_adv)
-    if kl_direction == "adv||inv":
-        return kl_div(logits_adv, logits_inv)
-    raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
 
 
 def iat_trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, logits_inv: torch.Tensor,
@@ -53,23 +42,13 @@ def iat_mart_objective(logits_adv: torch.Tensor, logits_inv: torch.Tensor, y: to
 
 @dataclasses.dataclass
 class InverseConsistency(InverseAnchor):
-    """Mixin: the options of an inverse-anchored consistency term, and p(x~) with or without gradient."""
+    """Mixin: the KL direction of an inverse-anchored consistency term (the host's KL puts the anchor first)."""
 
     kl_direction: str = "inv||adv"
-    detach_inverse: bool = False
 
     def __post_init__(self) -> None:
-        self.check_inverse()
+        self.check_inverse(self.kl_direction)
         self.check_start()
-        if self.kl_direction not in KL_DIRECTIONS:
-            raise UsageError(f"kl_direction must be one of {KL_DIRECTIONS}, got {self.kl_direction!r}")
-
-    def inverse_logits(self, model: nn.Module, x_inv: torch.Tensor) -> torch.Tensor:
-        """f(x~); with detach_inverse the inverse branch is a fixed teacher (no gradient)."""
-        if self.detach_inverse:
-            with torch.no_grad():
-                return model(x_inv)
-        return model(x_inv)
 
 
 @METHODS.register("iat-trades", help="TRADES with the inverse anchor: CE(x) + beta KL(p(x~) || p(x')), beta 6")

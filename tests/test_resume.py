@@ -107,18 +107,32 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
+def die_at_step(trainer: Trainer, monkeypatch, global_step: int) -> None:
+    """The trainer raises Crash when it reaches `global_step` (a kill between two steps)."""
+    step = trainer.train_step
+
+    def dying_step(x, y):
+        if trainer.progress.global_step == global_step:
+            raise Crash
+        return step(x, y)
+
+    monkeypatch.setattr(trainer, "train_step", dying_step)
+
+
+def crash_then_resume(trainer: Trainer, make_cfg, out: Path) -> None:
+    """Run `trainer` into its Crash, then resume the run in a fresh Trainer and finish it."""
+    with pytest.raises(Crash):
+        trainer.fit()
+    again = Trainer(make_cfg(), out)
+    again.resume()
+    again.fit()
+
+
 @pytest.mark.parametrize("where", ["mid-epoch", "after-metrics-before-checkpoint"])
 def test_crash_points_resume_to_the_same_run(tmp_path, reference_run, where, monkeypatch):
     trainer = Trainer(tiny_cfg(), tmp_path)
     if where == "mid-epoch":  # 6 batches an epoch: dies in batch 4 of epoch 2, after the step-2 checkpoint
-        step = trainer.train_step
-
-        def dying_step(x, y):
-            if trainer.progress.global_step == 9:
-                raise Crash
-            return step(x, y)
-
-        monkeypatch.setattr(trainer, "train_step", dying_step)
+        die_at_step(trainer, monkeypatch, 9)
     else:  # epoch 1's metric line (and maybe best) written, its checkpoint not
         save = trainer.save
 
@@ -128,11 +142,7 @@ def test_crash_points_resume_to_the_same_run(tmp_path, reference_run, where, mon
             save()
 
         monkeypatch.setattr(trainer, "save", dying_save)
-    with pytest.raises(Crash):
-        trainer.fit()
-    again = Trainer(tiny_cfg(), tmp_path)
-    again.resume()
-    again.fit()
+    crash_then_resume(trainer, tiny_cfg, tmp_path)
     assert_same_run(reference_run, tmp_path)
 
 

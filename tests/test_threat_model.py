@@ -10,7 +10,7 @@ from iat.records import read_run
 from iat.threat import ThreatModel
 from iat.training.trainer import Trainer
 
-from test_resume import Crash, assert_same_run
+from test_resume import assert_same_run, crash_then_resume, die_at_step
 
 FAST = ["--method", "iat", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--batch-size", "64",
         "--val-size", "128", "--val-examples", "64", "--steps", "2", "--val-steps", "2", "--no-progress"]
@@ -75,18 +75,7 @@ def test_resume_inside_the_warmup_is_bitwise_the_uninterrupted_run(tmp_path, mon
     Trainer(warmup_cfg(), reference).fit()
     run = tmp_path / "killed"
     trainer = Trainer(warmup_cfg(), run)
-    step = trainer.train_step
-    stop_at = 6 if where == "end of epoch 1" else 8  # global steps 7 and 9 of the 9 warm-up steps
-
-    def dying_step(x, y):
-        if trainer.progress.global_step == stop_at:
-            raise Crash
-        return step(x, y)
-
-    monkeypatch.setattr(trainer, "train_step", dying_step)
-    with pytest.raises(Crash):
-        trainer.fit()
-    again = Trainer(warmup_cfg(), run)
-    again.resume()
-    again.fit()
+    # dies at global step 7 or 9 of the 9 warm-up steps
+    die_at_step(trainer, monkeypatch, 6 if where == "end of epoch 1" else 8)
+    crash_then_resume(trainer, warmup_cfg, run)
     assert_same_run(reference, run)

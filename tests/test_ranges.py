@@ -21,7 +21,7 @@ FAST = ["--method", "iat", "--dataset", "synthetic", "--model", "cnn", "--epochs
     (["--eps", "1e400"], "must be a finite number"),
     (["--eps=-0"], "eps is 0"),
     (["--checkpoint-every=-1"], "checkpoint_every_steps must be in [0, 1e12]"),
-    (["--set", "optim.milestones=0.5,2"], "fractions of training"),
+    (["--set", "optim.milestones=0.5,2"], "every value of optim.milestones must be in [0, 1], got 2.0"),
     (["-O", "eps_inv=-0.1"], "method option eps_inv must be in [0, 1]"),
     (["-O", "steps_inv=0"], "method option steps_inv must be in [1, 1e6]"),
 ])

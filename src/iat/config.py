@@ -54,7 +54,8 @@ class OptimConfig:
     weight_decay: float = setting(5e-4, "weight decay", flag="weight-decay", bounds="[0, inf)")
     nesterov: bool = setting(False, "Nesterov momentum (SGD)")
     schedule: str = setting("piecewise", "learning-rate schedule, per step", choices="schedules", flag="schedule")
-    milestones: tuple[float, ...] = setting((0.5, 0.75), "piecewise: fractions of training where lr *= gamma")
+    milestones: tuple[float, ...] = setting((0.5, 0.75), "piecewise: fractions of training where lr *= gamma",
+                                            bounds="[0, 1]")
     gamma: float = setting(0.1, "piecewise: lr factor at each milestone", bounds="(0, inf)")
     peak: float = setting(0.4, "cyclic: fraction of training at which lr peaks", bounds="(0, 1)")
     grad_clip: float = setting(0.0, "clip the gradient norm to this (0: off)", bounds="[0, inf)")

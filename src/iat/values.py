@@ -111,7 +111,12 @@ def parse_literal(text: str) -> Any:
 
 
 def check_range(value: Any, bounds: str, name: str = "value") -> None:
-    """`bounds` like "[0, 1)", "(0, inf)" or "[0, 2**63)": a UsageError naming the range unless value lies in it."""
+    """`bounds` like "[0, 1)", "(0, inf)" or "[0, 2**63)": a UsageError naming the range unless value lies in it
+    (every element of a tuple of numbers)."""
+    if isinstance(value, tuple):
+        for item in value:
+            check_range(item, bounds, f"every value of {name}")
+        return
     if value is None or isinstance(value, (bool, str)) or not isinstance(value, (int, float)):
         return
     lo_text, hi_text = (t.strip() for t in bounds[1:-1].split(","))

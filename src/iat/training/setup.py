@@ -38,8 +38,6 @@ def check_choices(cfg: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> Non
             continue
         if f.metadata.get("bounds"):
             check_range(value, f.metadata["bounds"], f"{prefix}{f.name}")
-        if isinstance(value, tuple) and f.name == "milestones" and not all(0 <= m <= 1 for m in value):
-            raise UsageError(f"{prefix}{f.name} are fractions of training in [0, 1], got {list(value)}")
         choices = f.metadata.get("choices")
         if choices is None or f"{prefix}{f.name}" in skip:
             continue

@@ -199,16 +199,15 @@ def read_metrics(path: PathLike) -> list[MetricLine]:
     path = Path(path)
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").split("\n")]
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            values = json.loads(line)
-            out.append(MetricLine(**_known(MetricLine, values)))
+            out.append(MetricLine(**_known(MetricLine, json.loads(line))))
         except (json.JSONDecodeError, TypeError):
-            if i >= len(lines) - 2 and not any(rest.strip() for rest in lines[i + 1:]):
+            if not any(rest.strip() for rest in lines[i + 1:]):
                 break  # the torn last line of an interrupted write
             raise UsageError(f"{path} line {i + 1} is damaged; it is not an iat metrics line") from None
     return out

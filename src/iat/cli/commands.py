@@ -147,19 +147,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return reproduce(build(ReproduceConfig, args, DESTS["reproduce"]))
 
 
-FAMILIES = {"models": "models", "attacks": "attacks", "methods": "methods", "datasets": "datasets",
-            "optimizers": "optimizers", "schedules": "schedules", "norms": "norms"}
-
-
 def list_parser(sub: argparse._SubParsersAction) -> None:
+    from ..training.setup import registries
+
     p = sub.add_parser("list", help="list registered components")
-    p.add_argument("what", choices=list(FAMILIES), help="which registry")
+    p.add_argument("what", choices=list(registries()), help="which registry")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from ..training.setup import registries
 
-    items = registries()[FAMILIES[args.what]].describe()
+    items = registries()[args.what].describe()
     width = max(map(len, items))
     for name, text in items.items():
         print(f"{name:<{width}}  {text}")

@@ -10,28 +10,22 @@ import argparse
 import dataclasses
 from typing import Any, Iterator, Optional
 
-from ..config import TrainConfig, update
-from ..registry import Registry
-
-
-def _registries() -> dict[str, Registry]:
-    from ..training.setup import registries
-
-    return registries()
+from ..config import set_path
+from ..reporting.eval_tables import fmt_eps
 
 
 def choices_text(choices: Any, lead: str = "; ") -> str:
     if choices is None:
         return ""
-    names = _registries()[choices].names() if isinstance(choices, str) else list(choices)
+    from ..training.setup import registries  # lazily: the registries import every component
+
+    names = registries()[choices].names() if isinstance(choices, str) else list(choices)
     return f"{lead}one of: {', '.join(names)}"
 
 
 def _default_text(value: Any) -> str:
-    if isinstance(value, float):
-        k = value * 255
-        short = len(repr(value)) <= 8
-        return f"{round(k)}/255" if not short and 0 < value < 1 and abs(k - round(k)) < 1e-6 else f"{value:g}"
+    if isinstance(value, float):  # 8/255 where that is what a long decimal means, else 0.4 as 0.4
+        return fmt_eps(value) if len(repr(value)) > 8 else f"{value:g}"
     if isinstance(value, tuple):
         return ",".join(_default_text(v) for v in value)
     if value is None or value == []:
@@ -99,13 +93,10 @@ def given(args: argparse.Namespace, dests: dict[str, str]) -> dict[str, Any]:
 
 def build(cls: type, args: argparse.Namespace, dests: dict[str, str], base: Optional[Any] = None) -> Any:
     """An instance of `cls` (or `base`, updated): defaults <- what the flags say, coerced and checked."""
-    from ..config import nest
-
     cfg = base if base is not None else cls()
     for key, value in given(args, dests).items():
-        cfg = update(cfg, nest(key, value))
+        cfg = set_path(cfg, key, value)
     return cfg
 
 
 TRAIN_SKIP = ("method_options", "progress")
-__all__ = ["TRAIN_SKIP", "TrainConfig", "add_flags", "build", "given", "help_line", "leaves"]

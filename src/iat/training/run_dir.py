@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -55,7 +55,7 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, o
     check_writable(out)
     trainer = Trainer(cfg, out)  # every bad input fails here, before anything in `out` changes
     main_rank = trainer.dist.is_main  # under torchrun only rank 0 touches the run directory
-    with run_lock(out) if main_rank else _no_lock():
+    with run_lock(out) if main_rank else nullcontext():
         if holds_run(out) and not exists:  # another process started a run here while we were loading
             raise UsageError(f"{out} already holds a run (started meanwhile by another process); pass --resume to "
                              "continue it or --overwrite to replace it")
@@ -95,11 +95,6 @@ def run_lock(out: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
-@contextmanager
-def _no_lock() -> Iterator[None]:
-    yield
 
 
 def clear(out: Path) -> None:

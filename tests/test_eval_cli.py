@@ -1,6 +1,7 @@
 """`iat eval` and `iat report` end to end on tiny runs trained on synthetic data."""
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,13 @@ def test_eval_autoattack_missing_is_one_line(runs, monkeypatch, capsys):
     assert 'pip install "iat[autoattack]"' in err and len(err.splitlines()) == 1
 
 
-def test_report_two_runs_side_by_side_with_curves(runs, tmp_path, capsys):
+def test_report_two_runs_side_by_side_with_curves(runs, tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
+    from iat.reporting import report
+
+    legends, draw = [], report.plot_training_curves
+    monkeypatch.setattr(report, "plot_training_curves", lambda curves, *a, **k: legends.append(list(curves))
+                        or draw(curves, *a, **k))
     assert main(["report", str(runs["pgd-at"]), str(runs["standard"]), "--out", str(out), "--eval-missing",
                  "--attacks", "natural,fgsm", "--n-examples", "16", "--no-progress"]) == 0
     printed = capsys.readouterr().out
@@ -121,6 +127,10 @@ def test_report_two_runs_side_by_side_with_curves(runs, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "| run | method | checkpoint |" in md and "Protocols:" in md and "curves.png" in md
     assert _valid_png(out / "curves.png")
+    seed0 = tmp_path / "seed0"  # a folder named like most runs of a table: the legend names the method
+    shutil.copytree(runs["standard"], seed0)
+    assert main(["report", str(runs["pgd-at"]), str(seed0), "--out", str(tmp_path / "r2"), "--no-progress"]) == 0
+    assert legends[-1] == ["pgd-at", "standard (seed0)"]
     summary = json.loads((out / "report.json").read_text())
     assert summary["columns"][0] == "natural" and summary["columns"][-1] == "worst case"
 

@@ -2,6 +2,7 @@
 is resumed, the table is computed from the runs' own files, and a spec that disagrees with a run stops."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,12 @@ late = true
 claim = "C1"
 base = "pgd-at"
 ours = "iat"
+
+[[sweeps]]
+option = "method_options.steps_inv"
+cells = ["iat"]
+columns = ["natural", "cw"]
+reference = "pgd-at"
 """
 
 
@@ -123,6 +130,12 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
     assert claim["claim"] == "C1" and claim["verdict"].split(":")[0] in ("holds", "mixed", "does not hold")
     md = (out / "table.md").read_text()
     assert "| iat | best" in md and "Regenerate: `iat reproduce" in md and (out / "curves.png").stat().st_size > 0
+    sweep = table["sweeps"][0]["by_checkpoint"]["last"]["cw"]  # the sweep plot's points are the table's numbers
+    row = next(r for r in table["rows"] if r["cell"] == "iat" and r["checkpoint"] == "last")
+    assert sweep["line"] == [{"cell": "iat", "x": 1.0, "seeds": {str(s): pytest.approx(100 * v)
+                                                               for s, v in row["per_seed"]["cw"].items()}}]
+    assert len(sweep["reference"]) == 2 and "![accuracy against steps_inv](sweep-steps_inv.png)" in md
+    assert (out / "sweep-steps_inv.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("eval-*.json")}
     capsys.readouterr()
@@ -130,6 +143,17 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
     err = capsys.readouterr().err
     assert err.count("0 of 4 cells have work") == 2
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("eval-*.json")}
+
+
+@pytest.mark.parametrize("bad, says", [('cells = ["nope"]', "unknown cells ['nope']"),
+                                       ('columns = ["natural", "fgsm"]', "columns ['fgsm']"),
+                                       ('cells = ["iat", "pgd-at"]', "not a number in cell 'pgd-at'")])
+def test_a_sweep_that_names_unknown_cells_columns_or_an_unset_option_is_refused_at_load(spec_file, bad, says):
+    key = bad.split(" =")[0]
+    text = SPEC.replace(next(line for line in SPEC.split("[[sweeps]]")[1].splitlines() if line.startswith(key)), bad)
+    spec_file.write_text(text)
+    with pytest.raises(specs.UsageError, match=re.escape(says)):
+        specs.load_spec(str(spec_file))
 
 
 def test_a_cell_trained_with_other_settings_is_never_overwritten(spec_file, tmp_path, monkeypatch, capsys):

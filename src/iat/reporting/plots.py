@@ -43,14 +43,21 @@ def _save(fig: Any, path: Union[str, Path]) -> Path:
 
 def plot_eps_sweep(points: Sequence[Mapping[str, Any]], path: Union[str, Path], *, title: str,
                    train_eps: float | None = None) -> Path:
-    """Accuracy (%) against eps, one point per sweep value; a dotted line at the training eps."""
+    """Accuracy (%) against eps, one point per sweep value, ticks in the data's units (8/255 or 0.1); the
+    axis is linear up to the smallest positive eps and logarithmic above it, so that the values around the
+    training eps are as far apart as the full-range ones; a dotted line at the training eps."""
     fig, (ax,) = _figure(1, width=5.5, height=3.8)
     eps = [p["eps"] for p in points]
-    ax.plot(eps, [100 * p["accuracy"] for p in points], "o-", color="C0")
+    ax.plot(eps, [100 * p["accuracy"] for p in points], "o-", color="C0", label="accuracy under the sweep attack")
+    positive = sorted(e for e in eps if e > 0)
+    if positive:
+        ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
+    ax.set_xticks(eps, [fmt_eps(e) if e else "0" for e in eps], rotation=45, fontsize=8)
+    ax.minorticks_off()
     if train_eps is not None:
         ax.axvline(train_eps, color="grey", linestyle=":", label=f"training eps {fmt_eps(train_eps)}")
-        ax.legend()
-    ax.set_xlabel("eps")
+    ax.legend(fontsize=8)
+    ax.set_xlabel("eps (linear below the first value, logarithmic above)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=9)
@@ -75,6 +82,8 @@ def plot_training_curves(runs: Mapping[str, Sequence[MetricLine]], path: Union[s
             ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", color=f"C{i}", label=label, markersize=3)
             if best in xs:
                 ax.plot([best], [ys[xs.index(best)]], "*", color=f"C{i}", markersize=12)
+    if any(records for records in runs.values()):
+        axes[0].plot([], [], "*", color="grey", markersize=10, label="best checkpoint (best val robust accuracy)")
     _epoch_axes(axes, [title for title, _ in panels], legend_size=8)
     return _save(fig, path)
 
@@ -116,12 +125,50 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[MetricLine]]], pa
             if not xs:
                 continue
             mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in xs]
-            ax.plot(xs, mean, "o-" if len(xs) < 30 else "-", color=f"C{i}", label=f"{name} ({len(seeds)} seeds)",
-                    markersize=3)
+            ax.plot(xs, mean, "o-" if len(xs) < 30 else "-", color=f"C{i}",
+                    label=f"{name}: mean of {len(seeds)} seeds", markersize=3)
             if len(seeds) > 1:
                 ax.fill_between(xs, [min(by_epoch[e]) for e in xs], [max(by_epoch[e]) for e in xs],
                                 color=f"C{i}", alpha=0.15, linewidth=0)
+    if any(len(seeds) > 1 for seeds in cells.values()):
+        axes[0].fill_between([], [], [], color="grey", alpha=0.15, linewidth=0, label="band: range over seeds")
     _epoch_axes(axes, [label for label, _ in panels], legend_size=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, title: str = "") -> Path:
+    """Test accuracy (%) against one setting (a table's `[[sweeps]]` entry), one panel per checkpoint:
+    per column a line through the means over seeds and a dot per seed; the reference cell as a dashed line
+    at its mean with its range over seeds as a band."""
+    kinds = list(points["by_checkpoint"])
+    fig, axes = _figure(len(kinds), width=4.6, height=3.8)
+    option = points["option"].rsplit(".", 1)[-1]
+    for ax, kind in zip(axes, kinds):
+        for i, (column, data) in enumerate(points["by_checkpoint"][kind].items()):
+            line = [p for p in data["line"] if p["seeds"]]
+            if not line:
+                continue
+            n = max(len(p["seeds"]) for p in line)
+            xs = [p["x"] for p in line]
+            means = [sum(p["seeds"].values()) / len(p["seeds"]) for p in line]
+            ax.plot(xs, means, "o-", color=f"C{i}", label=f"{column}: mean of {n} seeds")
+            dots = [(p["x"], v) for p in line for v in p["seeds"].values()]
+            ax.plot([x for x, _ in dots], [v for _, v in dots], ".", color=f"C{i}", alpha=0.45, markersize=6,
+                    label=f"{column}: one seed" if i == 0 else None)
+            ref = list(data["reference"].values())
+            if ref:
+                ax.axhline(sum(ref) / len(ref), color=f"C{i}", linestyle="--", linewidth=1,
+                           label=f"{points['reference']} {column} (band: seed range)")
+                ax.axhspan(min(ref), max(ref), color=f"C{i}", alpha=0.12, linewidth=0)
+        ticks = sorted({p["x"] for data in points["by_checkpoint"][kind].values() for p in data["line"]})
+        ax.set_xticks(ticks, [fmt_eps(t) if t else "0" for t in ticks])
+        ax.set_xlabel(option)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{kind} checkpoint", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

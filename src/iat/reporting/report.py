@@ -208,7 +208,9 @@ def write_report(cfg: ReportConfig) -> list[Path]:
     out = Path(cfg.out)
     curves = None
     if cfg.plots and any(r["records"] for r in runs):
-        plot_training_curves({r["label"]: r["records"] for r in runs}, out / "curves.png",
+        legend = {(r["method"] if r["label"] == r["method"] else f"{r['method']} ({r['label']})"): r["records"]
+                  for r in runs}  # the method's name first: folder names are often seed0, seed1, ...
+        plot_training_curves(legend, out / "curves.png",
                              robust_label=_val_label(runs[0]["config"]))
         curves = "curves.png"
     markdown = to_markdown(table, curves)

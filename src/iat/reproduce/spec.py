@@ -41,6 +41,20 @@ class EvalGroup:
 
 
 @dataclasses.dataclass
+class Sweep:
+    """A plot of test accuracy against one numeric setting across cells (e.g. iat's eps_inv), mean over seeds with
+    each seed as a dot; an optional reference cell (e.g. pgd-at) drawn as a horizontal line with its seed range."""
+    option: str  # dotted config key that differs between the cells, e.g. "method_options.eps_inv"
+    cells: list[str]
+    columns: list[str] = dataclasses.field(default_factory=lambda: ["natural", "worst case"])
+    reference: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return self.option.rsplit(".", 1)[-1]
+
+
+@dataclasses.dataclass
 class TableSpec:
     name: str
     title: str
@@ -50,6 +64,7 @@ class TableSpec:
     evals: list[EvalGroup] = dataclasses.field(default_factory=lambda: [EvalGroup("natural,pgd20,cw")])
     checkpoints: tuple[str, ...] = KINDS
     compare: list[Compare] = dataclasses.field(default_factory=list)
+    sweeps: list[Sweep] = dataclasses.field(default_factory=list)
     notes: str = ""
     source: str = ""
 
@@ -81,7 +96,7 @@ def load_spec(name: str) -> TableSpec:
             raise UsageError(f"no table {name!r}: give a spec file or one of {', '.join(tables)} (iat reproduce --list)")
         path = tables[name]
     raw = C.read_config_file(path)
-    known = {"title", "seeds", "config", "cells", "evals", "checkpoints", "compare", "notes"}
+    known = {"title", "seeds", "config", "cells", "evals", "checkpoints", "compare", "sweeps", "notes"}
     if set(raw) - known:
         raise UsageError(f"{path}: unknown keys {sorted(set(raw) - known)}; a table spec has {sorted(known)}")
     try:
@@ -90,7 +105,8 @@ def load_spec(name: str) -> TableSpec:
         spec = TableSpec(
             name=path.stem, title=raw.get("title", path.stem), seeds=[int(s) for s in raw.get("seeds", [0])],
             config=raw["config"], cells=cells, evals=evals, checkpoints=tuple(raw.get("checkpoints", KINDS)),
-            compare=[Compare(**c) for c in raw.get("compare", [])], notes=raw.get("notes", ""), source=str(path))
+            compare=[Compare(**c) for c in raw.get("compare", [])],
+            sweeps=[Sweep(**s) for s in raw.get("sweeps", [])], notes=raw.get("notes", ""), source=str(path))
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{path}: malformed table spec ({type(err).__name__}: {err})") from None
     names = [c.name for c in spec.cells]
@@ -104,6 +120,8 @@ def load_spec(name: str) -> TableSpec:
     for cmp in spec.compare:
         if {cmp.base, cmp.ours} - set(names) or cmp.kind not in ("robust", "overfitting"):
             raise UsageError(f"{path}: compare {cmp} names an unknown cell or kind (robust|overfitting)")
+    for sweep in spec.sweeps:
+        check_sweep(spec, sweep, path)
     for cell in spec.cells:  # unknown keys and bad values fail now, not an hour into the run
         try:
             spec.train_config(cell, spec.seeds[0])
@@ -111,3 +129,28 @@ def load_spec(name: str) -> TableSpec:
             raise UsageError(f"{path}: cell {cell.name!r}: {err}") from None
     return spec
 
+
+
+def option_value(spec: TableSpec, cell: Cell, option: str) -> float:
+    """The value of a dotted config key in a cell's resolved config, as a number."""
+    value: Any = C.to_dict(spec.train_config(cell, spec.seeds[0]))
+    for part in option.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"sweep option {option!r} is not a number in cell {cell.name!r} (got {value!r}); "
+                         "set it in every swept cell")
+    return float(value)
+
+
+def check_sweep(spec: TableSpec, sweep: Sweep, path: Path) -> None:
+    names = {c.name for c in spec.cells}
+    unknown = set(sweep.cells) - names | ({sweep.reference} - names if sweep.reference else set())
+    columns = {c for g in spec.evals for c in g.columns()} | {"worst case"}
+    if unknown or not sweep.cells or set(sweep.columns) - columns:
+        raise UsageError(f"{path}: sweep over {sweep.option} names unknown cells {sorted(unknown)} or columns "
+                         f"{sorted(set(sweep.columns) - columns)}; columns come from {sorted(columns)}")
+    for cell in sweep.cells:
+        try:
+            option_value(spec, spec.cell(cell), sweep.option)
+        except UsageError as err:
+            raise UsageError(f"{path}: {err}") from None

@@ -14,6 +14,7 @@ from ..reporting.eval_tables import fmt_eps
 from ..reporting.render import csv_text, markdown_table
 from .runner import eval_path, read_records, run_dir
 from .spec import Compare, TableSpec
+from .sweeps import sweep_points
 
 BEGIN, END = "<!-- iat reproduce {}: begin (generated; do not edit) -->", "<!-- iat reproduce {}: end -->"
 
@@ -96,6 +97,7 @@ def build_table(spec: TableSpec, out: Path) -> dict[str, Any]:
              "missing": [f"{c.name}/seed{s}" for c in spec.cells for s in spec.seeds if s not in cells.get(c.name, {})],
              "config": spec.config, "cells": {c.name: c.settings for c in spec.cells}}
     table["claims"] = [compare_cells(cmp, rows, cells, spec) for cmp in spec.compare]
+    table["sweeps"] = [sweep_points(table, spec, sweep) for sweep in spec.sweeps]
     table["curves"] = {name: {s: r["records"] for s, r in runs.items()} for name, runs in cells.items()}
     return table
 
@@ -199,7 +201,7 @@ def _claim_cells(c: dict[str, Any], cols: list[str]) -> list[list[str]]:
     return rows
 
 
-def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> str:
+def to_markdown(table: dict[str, Any], images: list[tuple[str, str]], command: str) -> str:
     cols = table["columns"]
     lines = [f"### {table['title']}", "", f"Regenerate: `{command}`", ""]
     if not table["complete"]:
@@ -216,8 +218,8 @@ def to_markdown(table: dict[str, Any], curves: Optional[str], command: str) -> s
                                 [cells for c in table["claims"] for cells in _claim_cells(c, cols)])
         lines += ["", "(k/n): ours higher than base in k of n seeds."]
     lines += ["", "Protocol:", *_protocol_lines(table)]
-    if curves:
-        lines += ["", f"![validation curves]({curves})"]
+    for caption, image in images:
+        lines += ["", f"![{caption}]({image})"]
     return "\n".join(lines) + "\n"
 
 
@@ -241,23 +243,32 @@ def paste_into(doc: Path, name: str, markdown: str) -> None:
     atomic_write_text(doc, text)
 
 
+def _draw(spec: TableSpec, table: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    """The table's PNGs in `out`: (caption, file name) of the validation curves and of each sweep."""
+    from ..reporting.plots import plot_option_sweep, plot_seed_curves
+
+    images = []
+    if table["curves"]:
+        plot_seed_curves(table["curves"], out / "curves.png", title=spec.title)
+        images.append(("validation curves", "curves.png"))
+    for sweep, points in zip(spec.sweeps, table["sweeps"]):
+        plot_option_sweep(points, out / f"sweep-{sweep.name}.png", title=f"{spec.title}: accuracy against {sweep.name}")
+        images.append((f"accuracy against {sweep.name}", f"sweep-{sweep.name}.png"))
+    return images
+
+
 def write_table(spec: TableSpec, out: Path, results_md: Optional[Path], command: str, plots: bool = True) -> dict:
     table = build_table(spec, out)
-    curves_name = None
-    if plots and table["curves"]:
-        from ..reporting.plots import plot_seed_curves
-
-        plot_seed_curves(table["curves"], out / "curves.png", title=spec.title)
-        curves_name = "curves.png"
-    atomic_write_text(out / "table.md", to_markdown(table, curves_name, command))
+    images = _draw(spec, table, out) if plots else []
+    atomic_write_text(out / "table.md", to_markdown(table, images, command))
     atomic_write_text(out / "table.csv", to_csv(table))
     atomic_write_text(out / "table.json", json.dumps({k: v for k, v in table.items() if k != "curves"}, indent=1))
     if results_md is not None:
-        image = None
-        if curves_name:
-            image_path = results_md.parent / "results" / f"{spec.name}-curves.png"
+        linked = []
+        for caption, name in images:  # beside the document, as results/<table>-<image>
+            image_path = results_md.parent / "results" / f"{spec.name}-{name}"
             image_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(image_path, (out / "curves.png").read_bytes())
-            image = os.path.relpath(image_path, results_md.parent)
-        paste_into(results_md, spec.name, to_markdown(table, image, command))
+            atomic_write_bytes(image_path, (out / name).read_bytes())
+            linked.append((caption, os.path.relpath(image_path, results_md.parent)))
+        paste_into(results_md, spec.name, to_markdown(table, linked, command))
     return table

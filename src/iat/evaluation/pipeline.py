@@ -17,7 +17,7 @@ import torch
 
 from ..attacks import PGD, Natural, create_attack
 from ..config import setting
-from ..data import load_dataset, standard_eps
+from ..data import load_dataset, resolve_threat, standard_threat
 from ..errors import UsageError
 from ..records import EvalRecord, RunRecord
 from ..threat import ThreatModel
@@ -105,12 +105,15 @@ def _load(path: Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, dict[
     if is_pickle(path):  # a state_dict from elsewhere: weights only, architecture and data from the flags
         bundle = load_dataset(cfg.dataset, cfg.data_dir) if cfg.dataset else None
         model, state = load_model_file(path, cfg.model, bundle, device)
-        # the file records no threat model: --eps, else the data set's standard l-inf radius (recorded)
-        eps = cfg.eps if cfg.eps is not None else standard_eps(bundle.name)
-        source = "--eps" if cfg.eps is not None else f"the standard l-inf eps of {bundle.name}"
+        # the file records no threat model: --eps, else the data set's standard one (recorded)
+        if cfg.eps is not None:
+            threat, source = ThreatModel(eps=cfg.eps, norm=cfg.norm or "linf"), "--eps"
+        else:
+            standard_threat(bundle.name)  # a data set without one: "give --eps"
+            threat, source = resolve_threat(bundle.name, ThreatModel(norm=cfg.norm or "linf"), ())
         about = {"model": state["model_spec"], "method": {"name": "unknown (plain state_dict)", "threat_model": source},
                  "epoch": None}
-        return model, about, bundle, ThreatModel(eps=eps, norm=cfg.norm or "linf")
+        return model, about, bundle, threat
     model, state = load_model(path, device)
     run = RunRecord.from_dict(state.get("resolved"), str(path))
     about = {"model": run.model, "method": run.method, "epoch": state.get("progress", {}).get("epoch")}

@@ -142,7 +142,8 @@ def _threat_of(args, tmp_path):
 
 
 def test_without_eps_a_run_takes_its_data_sets_standard_threat_model(tmp_path):
-    assert _threat_of(["--dataset", "mnist"], tmp_path) == ((0.3, 0.01, 40, "linf"), "the standard threat model of mnist")
+    standard = ((0.3, 0.01, 40, "linf"), "the standard threat model of mnist")
+    assert _threat_of(["--dataset", "mnist"], tmp_path) == standard
     assert _threat_of(["--dataset", "fashion-mnist"], tmp_path)[0] == (0.1, 0.025, 5, "linf")
     for name in ("cifar10", "cifar100", "svhn"):
         assert _threat_of(["--dataset", name], tmp_path)[0] == (8 / 255, 2 / 255, 10, "linf")

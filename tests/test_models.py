@@ -229,3 +229,13 @@ def test_an_unimportable_path_says_what_to_do(path: str, match: str) -> None:
 def test_an_unknown_name_points_to_the_import_path_form() -> None:
     with pytest.raises(UsageError, match="package.module:factory"):
         MODELS.get("my-python-registered-net")
+
+
+def test_a_module_that_fails_on_import_is_named_with_its_cause(tmp_path, monkeypatch) -> None:
+    (tmp_path / "needs_dep_xyz.py").write_text("import not_installed_dep_xyz\n")
+    (tmp_path / "syntax_err_xyz.py").write_text("def make(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError, match="needs_dep_xyz imports 'not_installed_dep_xyz', which is not installed"):
+        MODELS.get("needs_dep_xyz:make")
+    with pytest.raises(UsageError, match=r"importing syntax_err_xyz failed \(SyntaxError"):
+        MODELS.get("syntax_err_xyz:make")

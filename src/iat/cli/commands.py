@@ -123,7 +123,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     written = write_eval_files(result, out)
     print(f"{result.checkpoint} (epoch {result.checkpoint_epoch}) on {result.data['source']}, "
           f"test split, {result.data['n_examples']} examples, seed {cfg.seed}, mode {result.mode},")
-    source = "--eps" if cfg.eps is not None else (result.method or {}).get("threat_model", "the run's training threat model")
+    source = "--eps" if cfg.eps is not None else (result.method or {}).get("threat_model",
+                                                                          "the run's training threat model")
     print(f"threat model {result.threat['norm']} eps {fmt_eps(result.threat['eps'])} ({source}):")
     print(format_table(result.results))
     print()

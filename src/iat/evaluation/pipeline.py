@@ -35,13 +35,15 @@ class EvalConfig:
 
     checkpoint: str = setting("best", "which checkpoint of a run directory", choices=("best", "last"))
     attacks: str = setting("natural,fgsm,pgd20,cw", "comma-separated attacks, NAME[:KEY=VALUE...] (iat list attacks)")
-    eps: Optional[float] = setting(None, "radius of the threat ball (default: the training eps)")
+    eps: Optional[float] = setting(None, "radius of the threat ball (default: the training eps; for a plain .pt, "
+                                  "the data set's standard)")
     norm: Optional[str] = setting(None, "threat ball (default: the training norm)", choices=("linf", "l2"))
     restarts: int = setting(1, "restarts of every random-start PGD attack without its own :restarts=")
     n_examples: Optional[int] = setting(None, "first N test examples (default: all)")
     batch_size: int = setting(256, "examples per attack batch")
     dataset: Optional[str] = setting(None, "data set (default: the training data set)", choices="datasets")
-    model: Optional[str] = setting(None, "architecture of a plain PyTorch state_dict .pt (with --dataset)",
+    model: Optional[str] = setting(None, "architecture of a plain PyTorch state_dict .pt (with --dataset): a "
+                                   "registered name or package.module:factory",
                                    choices="models")
     data_dir: Optional[str] = setting(None, "data root folder; none: the run's, else $IAT_DATA_DIR or ./data")
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda or cuda:N")

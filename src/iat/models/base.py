@@ -45,10 +45,14 @@ def import_factory(path: str) -> Callable[..., nn.Module]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise UsageError(f"{what}: cannot import {err.name or module_name!r}; put the folder holding "
-                         f"{module_name.split('.')[0]} on PYTHONPATH or install it") from None
+        missing = err.name or module_name
+        if module_name == missing or module_name.startswith(f"{missing}."):  # the user's module itself
+            raise UsageError(f"{what}: cannot import {missing!r}; put the folder holding "
+                             f"{module_name.split('.')[0]} on PYTHONPATH or install it") from None
+        raise UsageError(f"{what}: {module_name} imports {missing!r}, which is not installed; install it") from None
     except Exception as err:  # noqa: BLE001 - the user's module may fail in any way while it is imported
-        raise UsageError(f"{what}: importing {module_name} failed ({type(err).__name__}: {err}); fix the "
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{what}: importing {module_name} failed ({type(err).__name__}: {first}); fix the "
                          "module") from None
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -131,3 +131,53 @@ def test_a_missing_data_set_names_the_command_that_fetches_it(tmp_path, capsys):
     assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "iat data fetch mnist" in err and "download=True" not in err
+
+
+def _threat_of(args, tmp_path):
+    from iat.cli import build_parser
+    from iat.cli.commands import train_config
+
+    cfg, source = train_config(build_parser().parse_args(["train", *args, "--out", str(tmp_path / "r")]))
+    return (cfg.threat.eps, cfg.threat.step_size, cfg.threat.steps, cfg.threat.norm), source
+
+
+def test_without_eps_a_run_takes_its_data_sets_standard_threat_model(tmp_path):
+    standard = ((0.3, 0.01, 40, "linf"), "the standard threat model of mnist")
+    assert _threat_of(["--dataset", "mnist"], tmp_path) == standard
+    assert _threat_of(["--dataset", "fashion-mnist"], tmp_path)[0] == (0.1, 0.025, 5, "linf")
+    for name in ("cifar10", "cifar100", "svhn"):
+        assert _threat_of(["--dataset", name], tmp_path)[0] == (8 / 255, 2 / 255, 10, "linf")
+    assert _threat_of(["--dataset", "mnist", "--steps", "7"], tmp_path)[0] == (0.3, 0.01, 7, "linf")  # given wins
+    # with eps given nothing else changes: the generic step size and steps, exactly as before
+    assert _threat_of(["--dataset", "mnist", "--eps", "0.2"], tmp_path) == ((0.2, 2 / 255, 10, "linf"), "as given")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[data]\nname = "mnist"\n[threat]\neps = 0.1\n')
+    assert _threat_of(["--config", str(cfg)], tmp_path)[0] == (0.1, 2 / 255, 10, "linf")
+    assert _threat_of(["--dataset", "mnist", "--set", "threat.eps=0.1"], tmp_path)[0][:2] == (0.1, 2 / 255)
+    assert _threat_of(["--dataset", "synthetic"], tmp_path)[0] == (8 / 255, 2 / 255, 10, "linf")  # no standard
+
+
+def test_another_norm_than_the_standard_needs_its_own_eps(tmp_path, capsys):
+    assert main(["train", "--dataset", "mnist", "--norm", "l2", "--out", str(tmp_path / "r")]) == 2
+    assert "standard threat model of mnist is linf; with --norm l2 give --eps too" in capsys.readouterr().err
+
+
+def test_the_resolved_threat_model_is_recorded_printed_and_kept_on_resume(tmp_path, monkeypatch, capsys):
+    from iat.data import STANDARDS
+    from iat.data.standards import Standard
+    from iat.threat import ThreatModel
+
+    out = tmp_path / "X"
+    with monkeypatch.context() as m:  # as if synthetic had a field standard
+        m.setitem(STANDARDS, "synthetic", Standard(ThreatModel(eps=0.2, step_size=0.05, steps=1)))
+        assert main(["train", "--method", "pgd-at", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1",
+                     "--val-steps", "1", "--out", str(out), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["threat"] == {"eps": 0.2, "step_size": 0.05, "steps": 1, "norm": "linf",
+                                 "from": "the standard threat model of synthetic"}
+    recorded = json.loads((out / "config.json").read_text())["config"]["threat"]
+    assert recorded == {"eps": 0.2, "step_size": 0.05, "steps": 1, "norm": "linf"}
+    # the standard is gone again, but the run's config.json holds explicit values: resuming is the same run
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["threat"]["eps"] == 0.2
+    assert json.loads((out / "config.json").read_text())["config"]["threat"] == recorded

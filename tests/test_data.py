@@ -261,3 +261,41 @@ def test_class_coverage_warns_when_the_split_itself_lacks_some_of_the_models_cla
     warn = check_class_coverage(y, y, "test", num_classes=4)
     assert warn.status == "warn" and "3 of the model's 4 classes" in warn.message and warn.details["absent_from_split"] == [3]
     assert check_class_coverage(y, y, "test", num_classes=3).status == "pass"
+
+
+def test_the_standards_table_names_registered_data_sets_and_their_real_statistics():
+    """One table (data.standards) holds each data set's threat model and statistics; the statistics are what
+    channel_stats computes on the official train split (checked where the files are present)."""
+    import os
+    from pathlib import Path
+
+    from iat.data import DATASETS, STANDARDS, load_dataset, standard_stats
+
+    assert set(STANDARDS) <= set(DATASETS.names()) and {"mnist", "fashion-mnist", "cifar10", "svhn"} <= set(STANDARDS)
+    root = Path(os.environ.get("IAT_DATA_DIR", Path(__file__).resolve().parents[1] / "data"))
+    checked = 0
+    for name in ("mnist", "fashion-mnist"):
+        if not (root / name).is_dir():
+            continue
+        bundle = load_dataset(name, root)
+        mean, std = standard_stats(name)
+        assert bundle.mean == pytest.approx(mean, abs=1e-4) and bundle.std == pytest.approx(std, abs=1e-4)
+        checked += 1
+    if not checked:
+        pytest.skip("no MNIST or Fashion-MNIST files under data/")
+
+
+def test_messages_name_the_command_to_run_not_python_arguments(tmp_path):
+    """A missing data set says `iat data fetch NAME --root DIR`; no message under iat/data says download=True."""
+    import ast
+    from pathlib import Path
+
+    import iat.data
+    from iat.data import load_dataset
+
+    with pytest.raises(UsageError, match=f"run `iat data fetch svhn --root {tmp_path}`"):
+        load_dataset("svhn", tmp_path)
+    for path in Path(iat.data.__file__).parent.glob("*.py"):
+        texts = [n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)
+                 and isinstance(n.value, str)]
+        assert not [t for t in texts if "download=True" in t], path

@@ -184,9 +184,10 @@ def test_a_plain_state_dict_is_evaluated_in_its_data_sets_standard_threat_model(
     a data set without one still asks for --eps."""
     import torch
 
-    from iat.data import standard_eps
-    from iat.data import core
+    from iat.data import STANDARDS, standard_eps
+    from iat.data.standards import Standard
     from iat.models import create_model
+    from iat.threat import ThreatModel
 
     assert (standard_eps("mnist"), standard_eps("fashion-mnist"), standard_eps("cifar10")) == (0.3, 0.1, 8 / 255)
     net = create_model("cnn", num_classes=4, in_channels=1, input_size=16, mean=[0.5], std=[0.25])
@@ -195,10 +196,14 @@ def test_a_plain_state_dict_is_evaluated_in_its_data_sets_standard_threat_model(
             "--n-examples", "16", "--no-progress"]
     assert main(args) == 2
     assert "no standard threat model; give --eps" in capsys.readouterr().err
-    monkeypatch.setitem(core.STANDARD_EPS, "synthetic", 0.25)  # as if synthetic had a field standard
+    # as if synthetic had a field standard
+    monkeypatch.setitem(STANDARDS, "synthetic", Standard(ThreatModel(eps=0.25, step_size=0.05, steps=3)))
     assert main(args) == 0
+    assert "threat model linf eps 0.25 (the standard threat model of synthetic)" in capsys.readouterr().out
     result = json.loads((tmp_path / "net.eval.json").read_text())
     assert result["threat"]["eps"] == 0.25 and "standard" in result["method"]["threat_model"]
+    assert main([*args, "--norm", "l2"]) == 2  # the standard is l-inf: another norm needs its own eps
+    assert "with --norm l2 give --eps too" in capsys.readouterr().err
 
 
 def test_a_checkpoint_that_does_not_fit_the_data_is_refused_before_any_attack(runs, tmp_path):
@@ -261,3 +266,86 @@ def test_a_checkpoint_of_another_architecture_names_the_mismatch(runs, tmp_path,
     assert main(["eval", str(run), "--attacks", "natural", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "size mismatch" in err and key in err
+
+
+# ------------------------------------------------------------------ user models: --model package.module:factory
+USER_MODELS = """
+from torch import nn
+
+
+def make(num_classes, in_channels, input_size):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size * input_size, num_classes))
+
+
+def broken(num_classes, in_channels, input_size):
+    raise RuntimeError("no such layer")
+"""
+
+
+def _iat(args, pythonpath=None):
+    """`iat ARGS` in a new process (as `iat eval RUN` runs after training), with PYTHONPATH extended."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, pythonpath) if p), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "iat", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def user_models(tmp_path, monkeypatch):
+    (tmp_path / "mymod.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    import sys
+
+    sys.modules.pop("mymod", None)
+
+
+def test_a_users_model_trains_and_a_new_process_evaluates_it(user_models, capsys):
+    run = user_models / "run"
+    fast = [a if a != "cnn" else "mymod:make" for a in FAST]
+    assert main(["train", "--method", "pgd-at", *fast, "--epochs", "1", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["model"] == "mymod:make" and config["model"]["name"] == "mymod:make"
+    args = ["eval", str(run), "--attacks", "natural,fgsm", "--n-examples", "32", "--no-progress"]
+    done = _iat(args, pythonpath=str(user_models))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "eval-best.json").read_text())["model"]["name"] == "mymod:make"
+    lost = _iat(args)  # without the module on the path: one line saying what to do, exit 2
+    assert lost.returncode == 2 and lost.stderr.count("\n") == 1
+    assert "cannot import 'mymod'" in lost.stderr and "PYTHONPATH" in lost.stderr
+
+
+@pytest.mark.parametrize("model,message", [
+    ("mymod:missing", "mymod has no attribute 'missing'"),
+    ("mymod:broken", "the factory raised RuntimeError: no such layer"),
+    ("nosuchpackage.mod:make", "cannot import 'nosuchpackage'"),
+])
+def test_a_bad_model_path_exits_2_with_one_line(user_models, capsys, model, message):
+    fast = [a if a != "cnn" else model for a in FAST]
+    assert main(["train", "--method", "standard", *fast, "--out", str(user_models / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"--model {model}" in err and err.count("\n") == 1
+    assert not (user_models / "bad").exists()
+
+
+def test_a_model_registered_from_python_is_evaluable_only_by_import_path(tmp_path, monkeypatch, capsys):
+    """Registration lives in the training process; `iat eval RUN` (a new process) says to use module:factory."""
+    from torch import nn
+
+    from iat.models import MODELS
+
+    def tiny(num_classes, in_channels, input_size):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * input_size * input_size, num_classes))
+
+    monkeypatch.setitem(MODELS._items, "my-tiny", tiny)
+    monkeypatch.setitem(MODELS._help, "my-tiny", "")
+    run = tmp_path / "run"
+    fast = [a if a != "cnn" else "my-tiny" for a in FAST]
+    assert main(["train", "--method", "standard", *fast, "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["eval", str(run), "--attacks", "natural", "--n-examples", "16", "--no-progress"]) == 0  # same process
+    done = _iat(["eval", str(run), "--attacks", "natural", "--n-examples", "16", "--no-progress"])
+    assert done.returncode == 2 and "unknown model 'my-tiny'" in done.stderr
+    assert "package.module:factory" in done.stderr and done.stderr.count("\n") == 1

@@ -272,3 +272,21 @@ def test_sigterm_stops_the_runner_and_its_iat_children(spec_file, tmp_path):
     time.sleep(0.5)
     assert _running(str(out)) == []  # no orphaned training keeps writing into the cell
     assert not (out / "table.json").exists()
+
+
+def test_every_shipped_spec_and_config_states_its_eps():
+    """Data-set standard threat models apply only without an eps: the shipped tables and configs give one, so
+    their runs (and the committed tables built from them) mean what they meant before the standards."""
+    from iat import config as C
+    from iat.data import resolve_threat
+
+    root = Path(__file__).resolve().parents[1]
+    for name in specs.builtin_tables():
+        spec = specs.load_spec(name)
+        assert "eps" in spec.config["threat"], name
+        generic = C.from_dict(spec.config).threat  # what a table's config meant before the standards
+        assert all(spec.train_config(c, 0).threat == generic for c in spec.cells if not specs._threat_keys(c.settings))
+    for path in sorted(root.glob("configs/**/*.toml")):
+        cfg = C.from_dict(C.read_config_file(path))
+        assert resolve_threat(cfg.data.name, cfg.threat, set(C.read_config_file(path).get("threat", {})))[1] == \
+            "as given", path

@@ -86,7 +86,9 @@ class SpeedConfig:
 @dataclasses.dataclass
 class TrainConfig:
     method: str = setting("iat", "training method", choices="methods", flag="method")
-    model: str = setting("cnn", "architecture", choices="models", flag="model")
+    model: str = setting("cnn", "architecture: a registered name or package.module:factory, a factory(num_classes=, "
+                         "in_channels=, input_size=) returning an nn.Module (its module on PYTHONPATH)",
+                         choices="models", flag="model")
     seed: int = setting(0, "random seed of data order, attacks and weights", flag="seed", bounds="[0, 2**63)")
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda or cuda:N", flag="device")
     method_options: dict[str, Any] = setting(help="the method's options (-O KEY=VALUE)", factory=dict)

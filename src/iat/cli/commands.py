@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 from .. import config as C
 from ..errors import UsageError
-from .flags import TRAIN_SKIP, add_flags, build, choices_text
+from .flags import TRAIN_SKIP, add_flags, build, choices_text, given
 
 DESTS: dict[str, dict[str, str]] = {}  # command -> dest -> dotted key of its config
 
@@ -45,14 +45,27 @@ def pairs(items: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
-def train_config(args: argparse.Namespace, base: Optional[C.TrainConfig] = None) -> C.TrainConfig:
-    """Defaults (or a resumed run's saved config) <- config file <- flags."""
+def train_config(args: argparse.Namespace, base: Optional[C.TrainConfig] = None) -> tuple[C.TrainConfig, str]:
+    """Defaults (or a resumed run's saved config) <- config file <- flags, and where the threat model came
+    from: without an eps anywhere, a new run takes its data set's standard one (data.standards)."""
     cfg = base or C.TrainConfig()
+    typed: set[str] = set()  # the dotted keys the config file and the flags set
     if args.config:
-        cfg = C.update(cfg, C.read_config_file(args.config))
+        values = C.read_config_file(args.config)
+        section = values.get("threat")
+        typed |= {f"threat.{k}" for k in section} if isinstance(section, dict) else set()
+        cfg = C.update(cfg, values)
+    typed |= set(given(args, DESTS["train"]))
     cfg = build(C.TrainConfig, args, DESTS["train"], base=cfg)
     for key, value in pairs(args.set, "--set").items():
+        typed.add(key)
         cfg = C.set_path(cfg, key, value)
+    source = "the run's config.json"
+    if base is None:  # a resumed run keeps the explicit threat model of its config.json
+        from ..data import resolve_threat
+
+        threat_keys = {k.split(".", 1)[1] for k in typed if k.startswith("threat.")}
+        cfg.threat, source = resolve_threat(cfg.data.name, cfg.threat, threat_keys)
     options = dict(cfg.method_options)
     for name, value in (("beta", args.beta), ("bn_mode", args.bn_mode)):
         if value is not None:
@@ -61,7 +74,7 @@ def train_config(args: argparse.Namespace, base: Optional[C.TrainConfig] = None)
     cfg.method_options = options
     if args.no_progress:
         cfg.progress = False
-    return cfg
+    return cfg, source
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -74,12 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not (resume or args.out):
         raise UsageError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
     saved = run_dir.saved_run(out) if args.resume else None
-    cfg = train_config(args, C.from_dict(saved.config) if saved else None)
+    cfg, source = train_config(args, C.from_dict(saved.config) if saved else None)
     summary = run_dir.train(cfg, out, saved=saved, overwrite=args.overwrite)
     from ..training.distributed import info
 
     if info().is_main:
-        print(json.dumps({"run": str(out), **summary}))
+        print(json.dumps({"run": str(out), "threat": {**cfg.threat.describe(), "from": source}, **summary}))
     return 0
 
 
@@ -96,7 +109,7 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation.pipeline import EvalConfig, default_out, evaluate_checkpoint
-    from ..reporting.eval_tables import format_checks, format_table, write_eval_files
+    from ..reporting.eval_tables import fmt_eps, format_checks, format_table, write_eval_files
 
     cfg = build(EvalConfig, args, DESTS["eval"])
     cfg.progress = not args.no_progress
@@ -109,7 +122,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.target, cfg)
     written = write_eval_files(result, out)
     print(f"{result.checkpoint} (epoch {result.checkpoint_epoch}) on {result.data['source']}, "
-          f"test split, {result.data['n_examples']} examples, seed {cfg.seed}, mode {result.mode}:")
+          f"test split, {result.data['n_examples']} examples, seed {cfg.seed}, mode {result.mode},")
+    source = "--eps" if cfg.eps is not None else (result.method or {}).get("threat_model",
+                                                                          "the run's training threat model")
+    print(f"threat model {result.threat['norm']} eps {fmt_eps(result.threat['eps'])} ({source}):")
     print(format_table(result.results))
     print()
     print(format_checks(result.sanity))

@@ -15,10 +15,10 @@ from .core import (
     default_root,
     fetch_dataset,
     load_dataset,
-    standard_eps,
     train_val_split,
 )
 from .loader import BatchLoader
+from .standards import STANDARDS, resolve_threat, standard_eps, standard_stats, standard_threat
 
 __all__ = [
     "DATASETS",
@@ -28,6 +28,10 @@ __all__ = [
     "default_root",
     "fetch_dataset",
     "load_dataset",
+    "STANDARDS",
+    "resolve_threat",
     "standard_eps",
+    "standard_stats",
+    "standard_threat",
     "train_val_split",
 ]

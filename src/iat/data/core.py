@@ -172,17 +172,6 @@ def fetch_dataset(name: str, root: str | Path | None = None, **kw: Any) -> Path:
     return fetcher(_resolve_root(root), **kw)
 
 
-# The field's standard l-inf radius per data set (pixel units), used where a model records no threat model.
-STANDARD_EPS = {"mnist": 0.3, "fashion-mnist": 0.1, "cifar10": 8 / 255, "cifar10-jpeg": 8 / 255,
-                "cifar100": 8 / 255, "svhn": 8 / 255}
-
-
-def standard_eps(name: str) -> float:
-    if name not in STANDARD_EPS:
-        raise UsageError(f"data set {name!r} has no standard threat model; give --eps (and --norm, default linf)")
-    return STANDARD_EPS[name]
-
-
 def auto_val_size(n: int) -> int:
     """1000 held-out examples, or a tenth of a training set smaller than 10,000."""
     return 1000 if n >= 10_000 else n // 10

@@ -17,7 +17,7 @@ import torch
 
 from ..attacks import PGD, Natural, create_attack
 from ..config import setting
-from ..data import load_dataset, standard_eps
+from ..data import load_dataset, resolve_threat, standard_threat
 from ..errors import UsageError
 from ..records import EvalRecord, RunRecord
 from ..threat import ThreatModel
@@ -35,13 +35,15 @@ class EvalConfig:
 
     checkpoint: str = setting("best", "which checkpoint of a run directory", choices=("best", "last"))
     attacks: str = setting("natural,fgsm,pgd20,cw", "comma-separated attacks, NAME[:KEY=VALUE...] (iat list attacks)")
-    eps: Optional[float] = setting(None, "radius of the threat ball (default: the training eps)")
+    eps: Optional[float] = setting(None, "radius of the threat ball (default: the training eps; for a plain .pt, "
+                                  "the data set's standard)")
     norm: Optional[str] = setting(None, "threat ball (default: the training norm)", choices=("linf", "l2"))
     restarts: int = setting(1, "restarts of every random-start PGD attack without its own :restarts=")
     n_examples: Optional[int] = setting(None, "first N test examples (default: all)")
     batch_size: int = setting(256, "examples per attack batch")
     dataset: Optional[str] = setting(None, "data set (default: the training data set)", choices="datasets")
-    model: Optional[str] = setting(None, "architecture of a plain PyTorch state_dict .pt (with --dataset)",
+    model: Optional[str] = setting(None, "architecture of a plain PyTorch state_dict .pt (with --dataset): a "
+                                   "registered name or package.module:factory",
                                    choices="models")
     data_dir: Optional[str] = setting(None, "data root folder; none: the run's, else $IAT_DATA_DIR or ./data")
     device: str = setting("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
@@ -105,12 +107,15 @@ def _load(path: Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, dict[
     if is_pickle(path):  # a state_dict from elsewhere: weights only, architecture and data from the flags
         bundle = load_dataset(cfg.dataset, cfg.data_dir) if cfg.dataset else None
         model, state = load_model_file(path, cfg.model, bundle, device)
-        # the file records no threat model: --eps, else the data set's standard l-inf radius (recorded)
-        eps = cfg.eps if cfg.eps is not None else standard_eps(bundle.name)
-        source = "--eps" if cfg.eps is not None else f"the standard l-inf eps of {bundle.name}"
+        # the file records no threat model: --eps, else the data set's standard one (recorded)
+        if cfg.eps is not None:
+            threat, source = ThreatModel(eps=cfg.eps, norm=cfg.norm or "linf"), "--eps"
+        else:
+            standard_threat(bundle.name)  # a data set without one: "give --eps"
+            threat, source = resolve_threat(bundle.name, ThreatModel(norm=cfg.norm or "linf"), ())
         about = {"model": state["model_spec"], "method": {"name": "unknown (plain state_dict)", "threat_model": source},
                  "epoch": None}
-        return model, about, bundle, ThreatModel(eps=eps, norm=cfg.norm or "linf")
+        return model, about, bundle, threat
     model, state = load_model(path, device)
     run = RunRecord.from_dict(state.get("resolved"), str(path))
     about = {"model": run.model, "method": run.method, "epoch": state.get("progress", {}).get("epoch")}

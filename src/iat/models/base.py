@@ -5,8 +5,9 @@ attack works on images in [0, 1] and eps is in pixel units whatever the data set
 """
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -15,7 +16,51 @@ from ..errors import UsageError
 from ..registry import Registry
 
 # factory(num_classes: int, in_channels: int, input_size: int) -> nn.Module, the body after Normalize.
-MODELS: Registry[nn.Module] = Registry("model")
+FACTORY_ARGS = "factory(num_classes=, in_channels=, input_size=) returning an nn.Module"
+
+
+class ModelRegistry(Registry[nn.Module]):
+    """The model registry; a name "package.module:factory" is also a model, imported (never unpickled)."""
+
+    def get(self, name: str) -> Callable[..., nn.Module]:
+        if isinstance(name, str) and ":" in name:
+            return import_factory(name)
+        if name not in self:
+            raise UsageError(f"unknown model {name!r}{self.suggest(name)}; choose one of: {', '.join(self.names())}, "
+                             "or give package.module:factory (a model registered from Python is unknown to a "
+                             "new process such as `iat eval RUN`)")
+        return super().get(name)
+
+
+MODELS = ModelRegistry("model")
+
+
+def import_factory(path: str) -> Callable[..., nn.Module]:
+    """"package.module:factory" -> the callable it names, imported with importlib (the module's folder must
+    be on sys.path, e.g. through PYTHONPATH)."""
+    module_name, _, attr = path.partition(":")
+    what = f"--model {path}"
+    if not module_name or not attr or not all(p.isidentifier() for p in module_name.split(".") + attr.split(".")):
+        raise UsageError(f"{what}: a model import path looks like package.module:factory")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or module_name
+        if module_name == missing or module_name.startswith(f"{missing}."):  # the user's module itself
+            raise UsageError(f"{what}: cannot import {missing!r}; put the folder holding "
+                             f"{module_name.split('.')[0]} on PYTHONPATH or install it") from None
+        raise UsageError(f"{what}: {module_name} imports {missing!r}, which is not installed; install it") from None
+    except Exception as err:  # noqa: BLE001 - the user's module may fail in any way while it is imported
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{what}: importing {module_name} failed ({type(err).__name__}: {first}); fix the "
+                         "module") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{what}: {module_name} has no attribute {attr!r}; name a factory defined in it")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{what}: {attr} is a {type(obj).__name__}, not callable; it must be a {FACTORY_ARGS}")
+    return obj
 
 
 class Normalize(nn.Module):
@@ -54,10 +99,17 @@ def create_model(
     num_classes: int,
     in_channels: int,
     input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    dataset: Optional[str] = None,
 ) -> nn.Module:
-    """Build Sequential(normalize=Normalize(mean, std), net=<registered body>) returning logits."""
+    """Build Sequential(normalize=Normalize(mean, std), net=<registered body>) returning logits.
+
+    `name` is a registered model or "package.module:factory" (called like the registered factories, with
+    num_classes, in_channels and input_size; its module goes after Normalize). Normalisation: mean and std
+    as given; else the standard statistics of data set `dataset`; else none (mean 0, std 1). The choice is
+    in `model.spec` (what checkpoints record as model_spec, and what rebuilds the model).
+    """
     factory = MODELS.get(name)  # unknown names fail first, with the list of choices
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels),
                        ("input_size", input_size)):
@@ -67,14 +119,50 @@ def create_model(
         raise UsageError(f"num_classes must be at least 2, got {num_classes}")
     if in_channels < 1:
         raise UsageError(f"in_channels must be at least 1, got {in_channels}")
+    mean, std = _normalisation(mean, std, dataset, in_channels)
+    normalize = Normalize(mean, std)
+    net = _call_factory(name, factory, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+    model = nn.Sequential(OrderedDict(normalize=normalize, net=net))
+    model.spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size,
+                  "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    return model
+
+
+def _normalisation(mean: Optional[Sequence[float]], std: Optional[Sequence[float]], dataset: Optional[str],
+                   in_channels: int) -> tuple[Sequence[float], Sequence[float]]:
+    if (mean is None) != (std is None):
+        raise UsageError("give both mean and std (or neither: dataset=NAME takes its statistics, else none)")
+    if mean is not None and dataset is not None:
+        raise UsageError("give mean and std or dataset, not both")
+    if mean is None and dataset is not None:
+        from ..data.standards import standard_stats  # the one table of per-data-set standards
+
+        mean, std = standard_stats(dataset)
+    elif mean is None:
+        mean, std = [0.0] * in_channels, [1.0] * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise UsageError(
             f"mean and std need {in_channels} values (one per input channel), "
             f"got {len(mean)} and {len(std)}"
         )
-    normalize = Normalize(mean, std)
-    net = factory(num_classes=num_classes, in_channels=in_channels, input_size=input_size)
-    return nn.Sequential(OrderedDict(normalize=normalize, net=net))
+    return mean, std
+
+
+def _call_factory(name: str, factory: Callable[..., Any], **kwargs: int) -> nn.Module:
+    """A registered body, or a user's factory (whose failures become one line naming the import path)."""
+    if ":" not in name:
+        return factory(**kwargs)
+    try:
+        net = factory(**kwargs)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code may fail in any way
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"--model {name}: the factory raised {type(err).__name__}: {first}; it is called as "
+                         f"{FACTORY_ARGS}") from None
+    if not isinstance(net, nn.Module):
+        raise UsageError(f"--model {name} returned a {type(net).__name__}; it must be a {FACTORY_ARGS}")
+    return net
 
 
 def model_info(model: nn.Module) -> dict[str, Any]:

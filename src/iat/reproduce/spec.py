@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
+from ..data.standards import resolve_threat
 from ..errors import UsageError
 
 SPEC_DIR = Path(__file__).parents[1] / "experiments"
@@ -80,7 +81,15 @@ class TableSpec:
                 C.set_path(cfg, key, value)
         cfg.seed = seed
         cfg.progress = False
+        typed = _threat_keys(self.config) | _threat_keys(cell.settings)
+        cfg.threat = resolve_threat(cfg.data.name, cfg.threat, typed)[0]  # no eps: the data set's standard
         return cfg
+
+
+def _threat_keys(values: dict[str, Any]) -> set[str]:
+    """The threat keys a table's config or a cell's settings set ({"threat": {...}} or "threat.eps")."""
+    keys = {k.split(".", 1)[1] for k in values if k.startswith("threat.")}
+    return keys | set(values.get("threat") or {}) if isinstance(values.get("threat"), dict) else keys
 
 
 def builtin_tables() -> dict[str, Path]:

@@ -349,3 +349,17 @@ def test_a_model_registered_from_python_is_evaluable_only_by_import_path(tmp_pat
     done = _iat(["eval", str(run), "--attacks", "natural", "--n-examples", "16", "--no-progress"])
     assert done.returncode == 2 and "unknown model 'my-tiny'" in done.stderr
     assert "package.module:factory" in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_report_fills_last_when_it_is_the_best_epoch_and_names_left_out_columns(tmp_path, capsys):
+    run = tmp_path / "one-epoch"
+    assert main(["train", "--method", "pgd-at", *FAST, "--epochs", "1", "--out", str(run)]) == 0
+    assert main(["eval", str(run), "--attacks", "natural,fgsm,pgd20", "--worst-case-only", "--n-examples", "16",
+                 "--no-progress"]) == 0
+    out = tmp_path / "report"
+    assert main(["report", str(run), "--out", str(out), "--no-plots"]) == 0
+    rows = {r["checkpoint"]: r for r in csv.DictReader((out / "report.csv").open())}
+    assert rows["last"]["worst case"] and rows["last"]["worst case"] == rows["best"]["worst case"]
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert any("the last checkpoint is the best one (epoch 1" in n for n in notes)
+    assert any("columns pgd20 left out: a --worst-case-only eval" in n for n in notes)

@@ -55,6 +55,8 @@ def merge_evals(files: list[tuple[str, EvalRecord]]) -> dict[str, Any]:
     for r in same:  # a cumulative column is not its attack's own accuracy: it only feeds the worst case
         rows.update({row["attack"]: row for row in r.results
                      if row["attack"] != "worst case" and row.get("counted", "own") in ("own", "natural")})
+    left_out = sorted({row["attack"] for r in same for row in r.results
+                       if row["attack"] != "worst case" and row["attack"] not in rows})
     n = newest.data["n_examples"]
     flags = [r.per_example.get("worst_case") for r in same]
     if all(flags):
@@ -65,7 +67,7 @@ def merge_evals(files: list[tuple[str, EvalRecord]]) -> dict[str, Any]:
         exact = len(same) == 1
     return {"rows": rows, "worst_case": worst_correct / n, "worst_exact": exact, "n": n,
             "epoch": newest.checkpoint_epoch, "threat": newest.threat, "files": [names[id(r)] for r in same],
-            "ignored": [names[id(r)] for r in results if r not in same]}
+            "ignored": [names[id(r)] for r in results if r not in same], "left_out": left_out}
 
 
 def _label(run: Path, runs: list[Path]) -> str:
@@ -80,6 +82,9 @@ def load_run(run: Path, runs: list[Path]) -> dict[str, Any]:
     records = read_metrics(run / "metrics.jsonl")
     evals = {kind: merge_evals(res) for kind, res in read_evals(run).items()}
     epochs = {"best": records[-1].best_epoch if records else None, "last": records[-1].epoch if records else None}
+    for kind, other in (("last", "best"), ("best", "last")):  # one epoch, one set of weights: one eval for both
+        if kind not in evals and other in evals and epochs[kind] is not None and evals[other]["epoch"] == epochs[kind]:
+            evals[kind] = dict(evals[other], same_as=other)
     return {"path": str(run), "label": _label(run, runs), "method": (config.method or {}).get("name", "?"),
             "config": config, "records": records, "evals": evals, "epochs": epochs}
 
@@ -109,6 +114,13 @@ def side_by_side(runs: list[dict[str, Any]], kinds: tuple[str, ...] = KINDS) -> 
                         protocols[c].add(protocol_text(ev["rows"][c]["protocol"]))
                 row["acc"]["worst case"] = ev["worst_case"]
                 row["worst_exact"] = ev["worst_exact"]
+                if ev.get("same_as"):
+                    notes.append(f"{run['label']}: the {kind} checkpoint is the {ev['same_as']} one (epoch "
+                                 f"{ev['epoch']}, the same weights); its row repeats that eval")
+                if ev["left_out"]:
+                    notes.append(f"{run['label']} {kind}: columns {', '.join(ev['left_out'])} left out: a "
+                                 "--worst-case-only eval attacks only the points the attacks before it missed, so "
+                                 "they count towards the worst case only")
                 if ev["ignored"]:
                     notes.append(f"{run['label']} {kind}: ignored {', '.join(ev['ignored'])} (another epoch, "
                                  "threat model or set of examples than the newest eval)")

@@ -152,3 +152,15 @@ def test_one_epoch_through_the_cli(tmp_path, capsys):
     assert main(["train", "--method", "uiat-fgsm", "-O", "start=middle", "--dataset", "synthetic",
                  "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "start must be one of" in capsys.readouterr().err
+
+
+def test_a_run_recorded_before_the_start_option_is_the_same_run_as_start_random():
+    from iat.records import RunRecord, first_difference
+
+    def record(**method):
+        return RunRecord(config={"method": "uiat-fgsm"}, method={"name": "uiat-fgsm", "beta": 3.5, **method})
+
+    old = record()  # a config.json written before `start` existed
+    assert first_difference(old, record(start="random")) is None
+    assert "method.start" in first_difference(old, record(start="inverse"))
+    assert "method.start" in first_difference(record(start="random"), record(start="inverse"))

@@ -141,13 +141,19 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
+# Method options added after runs were recorded, with the value those runs had: a record without the
+# option is the same run as one with this value (method name, option) -> value.
+ADDED_OPTIONS = {("uiat-fgsm", "start"): "random"}
+
+
 def identity(record: RunRecord) -> dict[str, Any]:
     """Dotted key -> value of everything that must stay the same for two runs to be the same run: the
     config (method options as the method resolved them), the method, the model spec and the data's split
     sizes, as far as the record holds them."""
     tree: dict[str, Any] = {"config": record.config}
     if record.method is not None:
-        tree["method"] = record.method
+        added = {k: v for (name, k), v in ADDED_OPTIONS.items() if name == record.method.get("name")}
+        tree["method"] = {**added, **record.method}
     if record.model is not None:
         tree["model"] = record.model
     if record.data is not None:

@@ -2,9 +2,10 @@
 
     L = CE(f(x'), y) + beta * KL( p(x') || p(x~) ),   x~ = clip_[0,1](x + U[y])
 
-x' is a single-step adversary (FGSM-RS by default). U holds one l-inf perturbation per class,
-kept across batches and epochs and saved in checkpoints; after each backward pass, for every class
-c present in the batch (docs/METHOD.md, "Single-step method"):
+x' is a single-step adversary (FGSM-RS by default), begun at the host's own start (start="random") or at
+x~ (start="inverse": one input-gradient pass at x~ gives the FGSM direction, U's gradient and the teacher).
+U holds one l-inf perturbation per class, kept across batches and epochs and saved in checkpoints; after
+each backward pass, for every class c present in the batch (docs/METHOD.md, "Single-step method"):
 
     g_c = mean of the examples' input gradients at x~,  m_c <- mu * m_c + g_c / ||g_c||_1,
     U[c] <- clip(U[c] - step_size_inv * sign(m_c), -eps_inv, eps_inv)       (descent: more confident in y)
@@ -12,19 +13,22 @@ c present in the batch (docs/METHOD.md, "Single-step method"):
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import PGD, crafting_mode, kl_div
+from ..attacks.engine import unwrap
 from ..training.distributed import all_reduce_
 from ..errors import UsageError
+from ..threat import ThreatModel
 from .base import METHODS, Crafted, Method, Metrics, mean_acc, resolve
 from .single_step import HOSTS
 
 INVERSE_GRADS = ("ce", "kl")
+STARTS = ("random", "inverse")
 
 
 class UniversalPerturbation:
@@ -104,6 +108,13 @@ class UIATFGSM(Method):
       "kl": x~.grad left by the training backward: beta * grad_x~ KL(p(x') || p(x~)). Free, but
         descending it moves p(x~) towards the adversary's prediction rather than towards y.
     detach_inverse: p(x~) is a fixed teacher (no weight gradient through the x~ branch; cheaper).
+    start: where the host's single step begins. "random" (default): the host's own start (uniform noise for
+      fgsm-rs and n-fgsm, x for fgsm-at), and x~ costs a training forward of its own. "inverse": at x~. ONE
+      input-gradient pass g = grad_x~ CE(f(x~), y) (crafting mode, the host's bn_mode) serves three things:
+      x' = the host's step from x~ (alpha = the host's step_scale * eps, +alpha sign(g), projected to the
+      eps-ball around x unless the host does not project, as n-fgsm; then [0, 1]); U's update descends g
+      (the rule above, inverse_grad "ce"); and its logits, detached, are the teacher p(x~), so detach_inverse
+      is implied. Cost: the host's own two forward+backward passes plus element-wise work.
     Metric u_skipped: the fraction of steps whose U update (reported one step later) met a class with
     non-finite gradient statistics (an fp16 overflow step) and left that class's U and momentum as they were.
     """
@@ -116,10 +127,18 @@ class UIATFGSM(Method):
     num_classes: Optional[int] = None
     inverse_grad: str = "ce"
     detach_inverse: bool = False
+    start: str = "random"
 
     def __post_init__(self) -> None:
         if self.host not in HOSTS:
             raise UsageError(f"host must be one of {HOSTS}, got {self.host!r}")
+        if self.start not in STARTS:
+            raise UsageError(f"start must be one of {STARTS}, got {self.start!r}")
+        if self.start == "inverse":
+            if self.inverse_grad != "ce":
+                raise UsageError("start 'inverse' drives U with the crafting gradient of CE at x~: "
+                                 f"inverse_grad must be 'ce', got {self.inverse_grad!r}")
+            self.detach_inverse = True  # the teacher p(x~) comes from the crafting pass (recorded as such)
         if self.inverse_grad not in INVERSE_GRADS:
             raise UsageError(f"inverse_grad must be one of {INVERSE_GRADS}, got {self.inverse_grad!r}")
         if self.inverse_grad == "kl" and self.detach_inverse:
@@ -134,25 +153,59 @@ class UIATFGSM(Method):
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._skipped = torch.zeros(())  # whether the previous step's U update skipped a non-finite class
 
+    @classmethod
+    def build(cls, threat: ThreatModel, **options: Any) -> "UIATFGSM":
+        """As Method.build; an explicit detach_inverse=false contradicts start 'inverse' (refused, not overridden)."""
+        if options.get("start") == "inverse" and options.get("detach_inverse") is False:
+            raise UsageError("start 'inverse' takes the teacher p(x~) from the crafting pass, so it is always "
+                             "detached: drop detach_inverse=false")
+        return super().build(threat, **options)
+
     def attack(self, **overrides) -> PGD:
         """The host recipe's single-step adversary with this method's threat model."""
         host = METHODS.get(self.host)(threat=self.threat, bn_mode=self.bn_mode)
         return host.attack(**overrides)
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
-        """x' from the host; x~ = x + U[y] costs nothing to craft and is made in the objective (U needs the
-        model's output width on the first batch)."""
+        """start "random": x' from the host; x~ = x + U[y] costs nothing to craft and is made in the objective
+        (U needs the model's output width on the first batch). start "inverse": see _craft_from_inverse."""
+        if self.start == "inverse":
+            return self._craft_from_inverse(model, x, y)
         return {"x_adv": self.attack()(model, x, y)}
+
+    def _craft_from_inverse(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """The host's one step, begun at x~: one forward+backward at x~ (parameter gradients off, the host's
+        BatchNorm mode) gives the FGSM direction, U's gradient (kept for after_backward) and the teacher."""
+        fgsm, net, x = self.attack(), unwrap(model), x.detach()
+        if self.universal.delta is None:
+            x_inv = x.clone()  # U starts at 0, so x~ = x; its number of rows is known after this pass
+        else:
+            self.universal.ensure(x, self.universal.delta.shape[0])  # next to x, input shape checked
+            x_inv = self.universal.inverse_example(x, y)
+        with crafting_mode(net, fgsm.bn_mode):
+            x_inv.requires_grad_(True)
+            logits_inv = net(x_inv)
+            (grad,) = torch.autograd.grad(fgsm.loss_fn(logits_inv, y, None).sum(), x_inv)
+        self._ensure(x, logits_inv.shape[1])
+        self._pending = (grad, y)
+        x_adv = x + fgsm.step(x, x_inv.detach() - x, grad)  # the engine's step: +alpha sign(g), ball, [0, 1]
+        return {"x_adv": x_adv.detach(), "logits_inv": logits_inv.detach()}
+
+    def _ensure(self, x: torch.Tensor, width: int) -> None:
+        """U for a model of `width` logits (created on the first batch, else checked)."""
+        if self.num_classes is not None and self.num_classes != width:
+            raise UsageError(f"num_classes is {self.num_classes} but the model outputs {width} logits")
+        self.universal.ensure(x, width)
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
         logits_adv = model(crafted["x_adv"])
-        width = logits_adv.shape[1]
-        if self.num_classes is not None and self.num_classes != width:
-            raise UsageError(f"num_classes is {self.num_classes} but the model outputs {width} logits")
-        self.universal.ensure(x, width)
-        x_inv = self.universal.inverse_example(x, y).requires_grad_(True)
-        logits_inv = self._inverse_logits(model, x_inv, y)
+        self._ensure(x, logits_adv.shape[1])
+        if self.start == "inverse":
+            logits_inv = crafted["logits_inv"]  # the teacher from the crafting pass, detached
+        else:
+            x_inv = self.universal.inverse_example(x, y).requires_grad_(True)
+            logits_inv = self._inverse_logits(model, x_inv, y)
         ce = F.cross_entropy(logits_adv, y)
         kl = kl_div(logits_adv, logits_inv).mean()
         loss = ce + self.beta * kl

@@ -141,18 +141,31 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
     is_run = Path(target).is_dir()
     path = checkpoint_path(target, cfg.checkpoint)
     device = resolve_device(cfg.device)
-    model, about, bundle, train_threat = _load(path, cfg, device)
+    model, loaded, bundle, train_threat = _load(path, cfg, device)
     threat = ThreatModel(eps=train_threat.eps if cfg.eps is None else cfg.eps, norm=cfg.norm or train_threat.norm)
+    test = bundle.test
+    n = len(test) if cfg.n_examples is None else cfg.n_examples
+    if not 0 < n <= len(test):
+        raise UsageError(f"--n-examples must be between 1 and {len(test)}, got {n}")
+    about = {"run": str(target) if is_run else None, "checkpoint": str(path),
+             "checkpoint_kind": cfg.checkpoint if is_run else None, "checkpoint_epoch": loaded["epoch"],
+             "data": {"name": bundle.name, "source": bundle.source, "split": "test", "n_examples": n},
+             "model": loaded["model"], "method": loaded["method"], "train_threat": train_threat.describe(),
+             "config": dataclasses.asdict(cfg), "device": str(device)}
+    return evaluate_examples(model, test.x[:n], test.y[:n], threat, cfg, about, y_split=test.y,
+                             num_classes=(loaded["model"] or {}).get("num_classes"))
+
+
+def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, cfg: EvalConfig,
+                      about: dict[str, Any], *, y_split: torch.Tensor, num_classes: Optional[int]) -> EvalRecord:
+    """The one evaluation of `iat eval` and `iat.evaluate`: every attack of `cfg` in `threat`'s ball on (x, y),
+    the sanity checks (class coverage against `y_split`, the labels the examples were taken from) and the
+    eps sweep if asked. `about` holds the record's fields that say what was evaluated (checkpoint, data, ...)."""
     attacks = build_attacks(cfg.attacks, threat, cfg.restarts)
     if cfg.eps_sweep:
         from ..reporting.plots import require_matplotlib
 
         require_matplotlib()
-    test = bundle.test
-    n = len(test) if cfg.n_examples is None else cfg.n_examples
-    if not 0 < n <= len(test):
-        raise UsageError(f"--n-examples must be between 1 and {len(test)}, got {n}")
-    x, y = test.x[:n], test.y[:n]
     numel = math.prod(x.shape[1:])
     sweep_eps = sweep_values(cfg.eps_sweep, threat, numel) if cfg.eps_sweep else None
     torch.manual_seed(cfg.seed)
@@ -160,7 +173,7 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
     acc = robust_accuracy(model, x, y, attacks, batch_size=cfg.batch_size, progress=cfg.progress, desc="eval",
                           worst_case_only=cfg.worst_case_only, generator=torch.Generator().manual_seed(cfg.seed))
     checks = [c.to_dict() for c in run_checks(model, x, y, attacks, acc, batch_size=cfg.batch_size)]
-    checks.append(check_class_coverage(y, test.y, "test", (about["model"] or {}).get("num_classes")).to_dict())
+    checks.append(check_class_coverage(y, y_split, about["data"]["split"], num_classes).to_dict())
     sweep = None
     if sweep_eps:
         points = eps_sweep(model, x, y, sweep_eps, attack=cfg.sweep_attack, norm=threat.norm,
@@ -168,11 +181,8 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
         checks += [c.to_dict() for c in check_eps_sweep(points, acc.natural, threat.norm, numel)]
         sweep = {"attack": cfg.sweep_attack, "norm": threat.norm, "points": points}
     return EvalRecord(
-        run=str(target) if is_run else None, checkpoint=str(path), checkpoint_kind=cfg.checkpoint if is_run else None,
-        checkpoint_epoch=about["epoch"], data={"name": bundle.name, "source": bundle.source, "split": "test",
-        "n_examples": n}, model=about["model"], method=about["method"], train_threat=train_threat.describe(),
-        threat={"eps": threat.eps, "norm": threat.norm}, config=dataclasses.asdict(cfg), seed=cfg.seed,
-        mode=acc.mode, device=str(device), torch=torch.__version__, seconds=time.perf_counter() - t0,
+        **about, threat={"eps": threat.eps, "norm": threat.norm}, seed=cfg.seed, mode=acc.mode,
+        torch=torch.__version__, seconds=time.perf_counter() - t0,
         results=_rows(acc, attacks), sanity=checks, eps_sweep=sweep,
         diagnostics={k: a.diagnostics() for k, a in attacks.items() if hasattr(a, "diagnostics")},
         per_example={k: pack_flags(v) for k, v in acc.per_example.items()})

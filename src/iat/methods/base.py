@@ -4,7 +4,8 @@
     loss, metrics = method.objective(model, x, y, crafted)  # differentiable in the weights
     loss, metrics = method.loss(model, x, y)                # the two in one call
 
-Only the training loop touches the optimizer, scheduler, scaler and checkpoints. A method is a typed
+Only the training loop touches the optimizer, scheduler, scaler and checkpoints; `train_step` is that
+loop's one step, for the trainer and for a user's own loop, so no hook is forgotten. A method is a typed
 dataclass whose fields are its options; `create_method` checks option names and types so a typo in a
 config fails loudly, and `options()` is what results files record. The threat model (eps, step size,
 steps, norm) is not an option: it is the run's one `ThreatModel`, handed in as `threat` and read by
@@ -15,8 +16,8 @@ crafted at the model's own weights.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional, get_type_hints
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterator, Optional, get_type_hints
 
 import torch
 from torch import nn
@@ -75,6 +76,38 @@ class Method:
 
     def after_backward(self, model: nn.Module) -> None:
         """Called after loss.backward() and before the optimizer step (state updates from gradients)."""
+
+    def train_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   scaler: Optional[torch.amp.GradScaler] = None, *, step: Optional[int] = None,
+                   total_steps: Optional[int] = None, grad_clip: float = 0.0,
+                   forward_context: Optional[Callable[[], ContextManager]] = None) -> Metrics:
+        """One training step with every hook in the trainer's order; returns the metrics ("loss": the loss
+        that was backpropagated, detached).
+
+        `at_step(step, total_steps)` if given (AWP's warm-up needs it), then inside `step_context`: `loss`
+        (under `forward_context()`, e.g. autocast), zero_grad, backward (through `scaler` if given),
+        `after_backward`, gradient clipping to norm `grad_clip` (> 0), and one optimizer step.
+        """
+        if (step is None) != (total_steps is None):
+            raise UsageError("train_step needs step and total_steps together (for at_step), or neither")
+        if step is not None:
+            self.at_step(step, total_steps)
+        with self.step_context(model):
+            with forward_context() if forward_context else nullcontext():
+                loss, metrics = self.loss(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            (loss if scaler is None else scaler.scale(loss)).backward()  # DDP averages gradients over ranks here
+            self.after_backward(model)
+            if grad_clip > 0:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        return {**metrics, "loss": loss.detach()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to save in checkpoints (e.g. the universal inverse perturbation)."""

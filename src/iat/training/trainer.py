@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from .. import config as C
@@ -211,22 +211,18 @@ class Trainer:
         if self.warmup_steps:  # eps warm-up: a per-step scale of the one threat model, never a change of the run
             f = min(1.0, (self.progress.global_step + 1) / self.warmup_steps)
             self.method.threat = self.threat.scaled(f)
-        self.method.at_step(self.progress.global_step, self.total_steps)
-        model, amp = self.train_model, self.cfg.speed.amp
         x = speed.prepare_input(x, self.cfg.speed)
-        with self.method.step_context(model):
-            with speed.autocast(self.device, amp), distributed.sharded_noise():
-                loss, metrics = self.method.loss(model, x, y)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()  # DDP averages the gradients over ranks here
-            self.method.after_backward(model)
-            if self.cfg.optim.grad_clip > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        metrics = self.method.train_step(self.train_model, x, y, self.optimizer, self.scaler,
+                                         step=self.progress.global_step, total_steps=self.total_steps,
+                                         grad_clip=self.cfg.optim.grad_clip, forward_context=self._forward)
         self.scheduler.step()
-        return loss, metrics
+        return metrics["loss"], metrics
+
+    @contextmanager
+    def _forward(self) -> Iterator[None]:
+        """Around the method's loss: mixed precision if asked, and DDP's noise drawn for the global batch."""
+        with speed.autocast(self.device, self.cfg.speed.amp), distributed.sharded_noise():
+            yield
 
     def _check_weights(self) -> None:
         """A step with a finite loss can still leave inf/NaN weights (a huge lr); never checkpoint those."""

@@ -158,6 +158,22 @@ def test_resume_reuses_the_recorded_layout_without_timing(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "config.json").read_text())["layout_auto"] == first["layout_auto"]
 
 
+def test_iat_train_resume_keeps_the_layout_and_its_timings(tmp_path, monkeypatch):
+    from iat.cli import main
+
+    monkeypatch.setattr(layout, "MIN_RUN_STEPS", 0)
+    _rigged(monkeypatch, "channels_last")
+    out = str(tmp_path / "run")
+    assert main(["train", "--method", "pgd-at", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1",
+                 "--batch-size", "64", "--steps", "1", "--val-examples", "16", "--no-progress", "--out", out]) == 0
+    first = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert first["config"]["speed"]["layout"] == "channels_last" and first["layout_auto"]["timed"]
+    monkeypatch.setattr(layout, "time_layouts", lambda trainer: pytest.fail("resume must not time again"))
+    assert main(["train", "--resume", out, "--no-progress"]) == 0
+    again = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert again["config"]["speed"] == first["config"]["speed"] and again["layout_auto"] == first["layout_auto"]
+
+
 def test_a_version_1_record_upgrades_and_stays_the_same_run():
     config = C.to_dict(_cfg())
     old = {"config": {**config, "speed": {"amp": "none", "channels_last": False, "compile": False}}, "version": 1}

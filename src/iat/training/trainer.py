@@ -163,7 +163,9 @@ class Trainer:
         layout "auto" takes the layout the saved run chose (no timing on resume)."""
         chosen = (saved.config.get("speed") or {}).get("layout")
         if self.train_model is None and chosen in layout.EXACT:
-            self.use_layout(chosen, saved.layout_auto)
+            self.use_layout(chosen)
+        if self.cfg.speed.layout == chosen:  # how the run chose its layout stays in its record
+            self.layout_auto = saved.layout_auto
         diff = first_difference(saved, self.record())
         if diff:
             raise UsageError(f"cannot resume {self.out}: {diff} in {source}; drop what changes it, or start a new "

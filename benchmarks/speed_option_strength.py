@@ -25,8 +25,10 @@ import torch
 
 from common import environment, write
 
-OPTIONS = {"fp32": [], "bf16": ["speed.amp=bf16"], "fp16": ["speed.amp=fp16"],
-           "channels_last": ["speed.channels_last=true"], "compile": ["speed.compile=true"]}
+# every option names its layout: the default layout "auto" would pick one by timing
+OPTIONS = {"fp32": ["speed.layout=nchw"], "bf16": ["speed.amp=bf16", "speed.layout=nchw"],
+           "fp16": ["speed.amp=fp16", "speed.layout=nchw"], "channels_last": ["speed.layout=channels_last"],
+           "compile": ["speed.compile=true", "speed.layout=nchw"]}
 
 
 def iat(*argv: str) -> None:

@@ -1,4 +1,4 @@
-"""Images per second of training steps with each speed option ([speed] amp / channels_last / compile).
+"""Images per second of training steps with each speed option ([speed] amp / layout / compile).
 
     PYTHONPATH=src:benchmarks python benchmarks/speed_options.py --device cuda   # results/speed_options.json
 
@@ -16,7 +16,8 @@ import torch
 
 from common import environment, make_trainer, median, timed, write
 
-OPTIONS = {"fp32": {}, "bf16": {"amp": "bf16"}, "bf16+channels_last": {"amp": "bf16", "channels_last": True},
+OPTIONS = {"fp32": {}, "bf16": {"amp": "bf16"}, "bf16+channels_last": {"amp": "bf16", "layout": "channels_last"},
+           "channels_last": {"layout": "channels_last"},
            "fp16": {"amp": "fp16"}, "compile": {"compile": True}}
 
 

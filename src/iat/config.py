@@ -20,6 +20,7 @@ from .values import coerce
 
 AUGMENTS = ("auto", "none", "crop-flip", "crop")
 AMPS = ("none", "bf16", "fp16")
+LAYOUTS = ("auto", "nchw", "channels_last")
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any = None, flag: Optional[str] = None,
@@ -76,10 +77,14 @@ class ValConfig:
 
 @dataclasses.dataclass
 class SpeedConfig:
-    """Opt-in speed options; they change the arithmetic, so they are part of the run's identity."""
+    """Speed options; they change the arithmetic, so they are part of the run's identity (layout "auto" is
+    resolved when a run starts and recorded as the layout it chose)."""
 
-    amp: str = setting("none", "autocast of training and attack forwards", choices=AMPS)
-    channels_last: bool = setting(False, "NHWC memory format for model and inputs")
+    amp: str = setting("none", "autocast of training and attack forwards (opt-in: changes the numerics)",
+                       choices=AMPS)
+    layout: str = setting("auto", "memory layout of model and inputs: nchw, channels_last (NHWC), or auto (time a "
+                          "few training steps in each at the start and keep the faster; both compute the same "
+                          "function)", choices=LAYOUTS)
     compile: bool = setting(False, "torch.compile the model used for training forwards")
 
 
@@ -103,7 +108,8 @@ class TrainConfig:
 
 
 # Keys of older configs that moved: a clear pointer instead of "unknown key".
-MOVED = {"threat.bn_mode": "method_options.bn_mode (--bn-mode)", "threat.eps_warmup": "optim.eps_warmup (--eps-warmup)"}
+MOVED = {"threat.bn_mode": "method_options.bn_mode (--bn-mode)", "threat.eps_warmup": "optim.eps_warmup (--eps-warmup)",
+         "speed.channels_last": "speed.layout (auto, nchw or channels_last)"}
 
 
 def update(cfg: Any, values: dict[str, Any], prefix: str = "") -> Any:

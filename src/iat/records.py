@@ -84,8 +84,9 @@ class RunRecord:
     val_attack: Optional[dict[str, Any]] = None
     device: Optional[str] = None
     torch: Optional[str] = None
+    layout_auto: Optional[dict[str, Any]] = None  # how speed.layout = "auto" was resolved (training.layout)
     kind: str = "iat-run"
-    version: int = 1
+    version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,13 +94,15 @@ class RunRecord:
     @classmethod
     def from_dict(cls, values: Any, source: str = "run record") -> "RunRecord":
         """Upgrade and check: version 0 (iat 0.1) kept threat.bn_mode / threat.eps_warmup and the threat model
-        among the method's options."""
+        among the method's options; version 1 had speed.channels_last (a bool) where speed.layout is now."""
         if not isinstance(values, dict) or not isinstance(values.get("config"), dict):
             raise UsageError(f"{source} is not an iat run record (no 'config' table)")
         values = json.loads(json.dumps(values))  # a deep copy in JSON's own types
         if values.get("version", 0) == 0:
             _upgrade_v0(values)
-        if values.get("kind", "iat-run") != "iat-run" or values.get("version") != 1:
+        if values.get("version") == 1:
+            _upgrade_v1(values)
+        if values.get("kind", "iat-run") != "iat-run" or values.get("version") != 2:
             raise UsageError(f"{source} is a {values.get('kind')} record of version {values.get('version')}, "
                              "which this iat cannot read")
         return cls(**_known(cls, values))
@@ -117,6 +120,14 @@ def _upgrade_v0(values: dict[str, Any]) -> None:
         (values.get("method") or {}).pop(key, None)
         (config.get("method_options") or {}).pop(key, None)
     values["kind"], values["version"] = "iat-run", 1
+
+
+def _upgrade_v1(values: dict[str, Any]) -> None:
+    """speed.channels_last = false / true ran in the layouts now called "nchw" / "channels_last"."""
+    speed = values["config"].get("speed")
+    if isinstance(speed, dict) and "channels_last" in speed:
+        speed["layout"] = "channels_last" if speed.pop("channels_last") else "nchw"
+    values["version"] = 2
 
 
 def read_run(path: PathLike) -> RunRecord:
@@ -162,10 +173,17 @@ def identity(record: RunRecord) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in MAY_CHANGE}
 
 
+# Settings a run resolves when it starts: "auto" on one side matches what the other side resolved it to.
+RESOLVED_AT_START = ("config.speed.layout",)
+
+
 def first_difference(old: RunRecord, new: RunRecord) -> Optional[str]:
     """The one rule for "is this the same run?": None, or 'KEY would be NEW but was OLD (and N more)'.
     Sections only one of the records holds (a table spec has no resolved method yet) are not compared."""
     a, b = identity(old), identity(new)
+    for key in RESOLVED_AT_START:
+        if "auto" in (a.get(key), b.get(key)):
+            a.pop(key, None), b.pop(key, None)
     sections = {k.split(".")[0] for k in a} & {k.split(".")[0] for k in b}
     # with both methods resolved, their options are compared as resolved, not as typed (-O beta=6 vs 6.0)
     typed = "method" not in sections

@@ -4,7 +4,9 @@
     run_dir.py      a run directory's life: new, --resume, --overwrite; nothing lost on bad input
     optim.py        optimizers and lr schedules (registries)
     monitor.py      the catastrophic-overfitting rule, checked every epoch
-    speed.py        opt-in speed options (autocast, channels_last, torch.compile)
+    step.py         one optimizer step of a method (the trainer's and the layout timer's)
+    speed.py        speed options (autocast, memory layout, torch.compile)
+    layout.py       speed.layout = "auto": time both exact layouts at the start of a run, keep the faster
     distributed.py  torchrun / DistributedDataParallel
     checkpoint.py   safetensors checkpoints (tensors + a JSON header; loading runs no code)
     device.py       device resolution and the random-number state checkpoints carry

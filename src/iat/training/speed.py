@@ -1,16 +1,18 @@
-"""Opt-in speed options of a training run (config section [speed]), applied by the trainer only.
+"""Speed options of a training run (config section [speed]), applied by the trainer only.
 
 amp: autocast ("bf16" | "fp16") around the method's loss, which covers the attack's forward passes and
 the training forward; the attack engine keeps delta and the eps-ball arithmetic in fp32 (its input
 x + delta is fp32, the gradient is cast to fp32 before the step, projection and [0, 1] clamp are fp32),
-so no perturbation leaves the ball. fp16 adds a GradScaler. channels_last: NHWC model and inputs.
-compile: torch.compile of the training model (attacks run it too; crafting flips requires_grad, so
+so no perturbation leaves the ball. fp16 adds a GradScaler; amp is opt-in, because it changes the numerics.
+layout: "channels_last" is NHWC model and inputs, "nchw" the default format; "auto" (the default) is resolved
+by training.layout when the run starts. compile: torch.compile of the training model (attacks run it too; crafting flips requires_grad, so
 expect a recompile or two at the start).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager
+from pathlib import Path
+from typing import ContextManager, Optional
 
 import torch
 from torch import nn
@@ -36,18 +38,44 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
+def channels_last(speed) -> bool:
+    return speed.layout == "channels_last"
+
+
 def memory_format(speed) -> torch.memory_format:
-    return torch.channels_last if speed.channels_last else torch.contiguous_format
+    return torch.channels_last if channels_last(speed) else torch.contiguous_format
 
 
 def prepare_model(model: nn.Module, speed) -> nn.Module:
-    """channels_last weights (in place; the module is the same object)."""
-    return model.to(memory_format=torch.channels_last) if speed.channels_last else model
+    """channels_last weights (in place; the module and its parameters stay the same objects)."""
+    return model.to(memory_format=torch.channels_last) if channels_last(speed) else model
 
 
 def prepare_input(x: torch.Tensor, speed) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if speed.channels_last and x.dim() == 4 else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(speed) and x.dim() == 4 else x
 
 
 def maybe_compile(model: nn.Module, speed) -> nn.Module:
     return torch.compile(model) if speed.compile else model
+
+
+def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:
+    """What gives this machine native bf16 arithmetic ("AMX", "AVX-512 BF16", the GPU's name), or None."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device) if torch.cuda.is_bf16_supported() else None
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return None
+    found = [name for flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+    return " and ".join(found) or None
+
+
+def bf16_hint(device: torch.device, speed) -> Optional[str]:
+    """One line for runs in fp32 on a machine with native bf16: the option exists and what it costs."""
+    native = native_bf16(device) if speed.amp == "none" else None
+    if not native:
+        return None
+    return (f"iat: this machine has native bf16 ({native}); --set speed.amp=bf16 may train faster but changes the "
+            "numerics (benchmarks/speed_option_strength.py measures its cost in accuracy)")

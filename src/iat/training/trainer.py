@@ -6,12 +6,12 @@ weights with the highest robust accuracy on the held-out validation split.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
@@ -25,12 +25,13 @@ from ..evaluation.loading import model_spec_for
 from ..evaluation.sanity import check_class_coverage
 from ..models import create_model
 from ..records import MetricLine, RunRecord, append_metric, first_difference, read_metrics, write_metrics, write_run
-from . import distributed, speed
+from . import distributed, layout, speed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import resolve_device, rng_state, seed_everything, set_rng_state
 from .monitor import check_overfitting
 from .optim import lr_factor, make_optimizer
 from .setup import build_method, make_loader, validate_config
+from .step import StepParts, optimizer_step
 
 
 @dataclass
@@ -67,17 +68,26 @@ class Trainer:
         self.threat = cfg.threat  # the run's one threat model: method, validation and monitor use it
         self.method = build_method(cfg)
         o = cfg.optim
-        speed.prepare_model(self.model, cfg.speed)
         self.optimizer = make_optimizer(o, self.model)
-        # self.model is what checkpoints and validation use; the training forward goes through the
-        # DDP wrapper (and torch.compile) when asked for.
-        self.train_model = speed.maybe_compile(distributed.wrap(self.model, self.device), cfg.speed)
         self.scaler = speed.grad_scaler(self.device, cfg.speed.amp)
         total = self.total_steps = o.epochs * len(self.loader)
         self.warmup_steps = int(o.eps_warmup * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(o, total))
         self.val_attacks = {"natural": create_attack("natural"), "robust": self._val_attack()}
         self.progress = Progress()
+        self.train_model: Optional[nn.Module] = None  # set once the layout is known
+        self.layout_auto: Optional[dict[str, Any]] = None
+        if cfg.speed.layout != "auto":
+            self.use_layout(cfg.speed.layout)
+
+    def use_layout(self, name: str, about: Optional[dict[str, Any]] = None) -> None:
+        """Put the model in layout `name` (its parameters stay the same objects, so the optimizer keeps them)
+        and build the training forward: self.model is what checkpoints and validation use; the training
+        forward goes through the DDP wrapper (and torch.compile) when asked for."""
+        self.cfg = dataclasses.replace(self.cfg, speed=dataclasses.replace(self.cfg.speed, layout=name))
+        self.layout_auto = about
+        speed.prepare_model(self.model, self.cfg.speed)
+        self.train_model = speed.maybe_compile(distributed.wrap(self.model, self.device), self.cfg.speed)
 
     def _val_attack(self):
         return create_attack(self.cfg.val.attack, eps=self.threat.eps, steps=self.cfg.val.steps, norm=self.threat.norm)
@@ -88,7 +98,7 @@ class Trainer:
                          model=self.spec, data={"name": self.bundle.name, "source": self.bundle.source,
                          "train": len(self.train_split), "val": len(self.val_split), "test": len(self.bundle.test)},
                          val_attack=self.val_attacks["robust"].describe(), device=str(self.device),
-                         torch=torch.__version__)
+                         torch=torch.__version__, layout_auto=self.layout_auto)
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -148,7 +158,13 @@ class Trainer:
         distributed.barrier()
 
     def check_same_run(self, saved: RunRecord, source: Path) -> None:
-        """Refuse to continue a run with settings other than those it was trained with."""
+        """Refuse to continue a run with settings other than those it was trained with; a run asking for
+        layout "auto" takes the layout the saved run chose (no timing on resume)."""
+        chosen = (saved.config.get("speed") or {}).get("layout")
+        if self.train_model is None and chosen in layout.EXACT:
+            self.use_layout(chosen)
+        if self.cfg.speed.layout == chosen:  # how the run chose its layout stays in its record
+            self.layout_auto = saved.layout_auto
         diff = first_difference(saved, self.record())
         if diff:
             raise UsageError(f"cannot resume {self.out}: {diff} in {source}; drop what changes it, or start a new "
@@ -162,11 +178,13 @@ class Trainer:
 
     # ----------------------------------------------------------------- training
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        self._start_notes()
+        if self.dist.is_main:
             write_run(self.out / "config.json", self.record())
         distributed.barrier()
+        cfg = self.cfg
         while self.progress.epoch < cfg.optim.epochs:
             epoch = self.progress.epoch
             t0 = time.perf_counter()
@@ -178,6 +196,16 @@ class Trainer:
                 tqdm.write(self.summary_line(record))
         return {"best_epoch": self.progress.best_epoch, "best_val_robust": self.progress.best_robust,
                 "epochs": self.progress.epoch, "train_seconds": self.progress.elapsed}
+
+    def _start_notes(self) -> None:
+        """Resolve layout "auto" (a new run times it) and say what the run chose and what it could opt into."""
+        if self.train_model is None:
+            self.use_layout(*layout.resolve(self))
+            if self.dist.is_main:
+                tqdm.write(layout.describe(self.layout_auto))  # stdout, with the epoch lines
+        hint = speed.bf16_hint(self.device, self.cfg.speed)
+        if hint and self.dist.is_main:
+            tqdm.write(hint)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         p, cfg = self.progress, self.cfg
@@ -211,18 +239,11 @@ class Trainer:
         if self.warmup_steps:  # eps warm-up: a per-step scale of the one threat model, never a change of the run
             f = min(1.0, (self.progress.global_step + 1) / self.warmup_steps)
             self.method.threat = self.threat.scaled(f)
-        x = speed.prepare_input(x, self.cfg.speed)
-        metrics = self.method.train_step(self.train_model, x, y, self.optimizer, self.scaler,
-                                         step=self.progress.global_step, total_steps=self.total_steps,
-                                         grad_clip=self.cfg.optim.grad_clip, forward_context=self._forward)
+        self.method.at_step(self.progress.global_step, self.total_steps)
+        loss, metrics = optimizer_step(StepParts(self.method, self.model, self.train_model, self.optimizer, self.scaler,
+                                                 self.cfg.speed, self.cfg.optim.grad_clip, self.device), x, y)
         self.scheduler.step()
-        return metrics["loss"], metrics
-
-    @contextmanager
-    def _forward(self) -> Iterator[None]:
-        """Around the method's loss: mixed precision if asked, and DDP's noise drawn for the global batch."""
-        with speed.autocast(self.device, self.cfg.speed.amp), distributed.sharded_noise():
-            yield
+        return loss, metrics
 
     def _check_weights(self) -> None:
         """A step with a finite loss can still leave inf/NaN weights (a huge lr); never checkpoint those."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .. import config as C

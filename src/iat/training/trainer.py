@@ -26,6 +26,7 @@ from ..evaluation.sanity import check_class_coverage
 from ..models import create_model
 from ..records import MetricLine, RunRecord, append_metric, first_difference, read_metrics, write_metrics, write_run
 from . import distributed, speed
+from .board import Board
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import resolve_device, rng_state, seed_everything, set_rng_state
 from .monitor import check_overfitting
@@ -71,13 +72,15 @@ class Trainer:
         self.optimizer = make_optimizer(o, self.model)
         # self.model is what checkpoints and validation use; the training forward goes through the
         # DDP wrapper (and torch.compile) when asked for.
-        self.train_model = speed.maybe_compile(distributed.wrap(self.model, self.device), cfg.speed)
+        ddp = distributed.wrap(self.model, self.device, sync_bn=cfg.distributed.sync_bn)  # BN layers converted first
+        self.train_model = speed.maybe_compile(ddp, cfg.speed)
         self.scaler = speed.grad_scaler(self.device, cfg.speed.amp)
         total = self.total_steps = o.epochs * len(self.loader)
         self.warmup_steps = int(o.eps_warmup * total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(o, total))
         self.val_attacks = {"natural": create_attack("natural"), "robust": self._val_attack()}
         self.progress = Progress()
+        self.board = Board(cfg, self.out, self.dist.is_main)  # TensorBoard events (--tensorboard), else a no-op
 
     def _val_attack(self):
         return create_attack(self.cfg.val.attack, eps=self.threat.eps, steps=self.cfg.val.steps, norm=self.threat.norm)
@@ -167,6 +170,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             write_run(self.out / "config.json", self.record())
         distributed.barrier()
+        self.board.open(resumed_at=self.progress.global_step)
         while self.progress.epoch < cfg.optim.epochs:
             epoch = self.progress.epoch
             t0 = time.perf_counter()
@@ -176,6 +180,7 @@ class Trainer:
             record = self.end_epoch(epoch, train_metrics, train_time)
             if self.dist.is_main:
                 tqdm.write(self.summary_line(record))
+        self.board.close()
         return {"best_epoch": self.progress.best_epoch, "best_val_robust": self.progress.best_robust,
                 "epochs": self.progress.epoch, "train_seconds": self.progress.elapsed}
 
@@ -196,6 +201,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.float()
             p.step += 1
             p.global_step += 1
+            self.board.step(p.global_step, metrics)
             bar.update(1)
             if p.step % 20 == 0 or p.step == len(self.loader):
                 self._check_finite(bad_step, epoch)
@@ -271,6 +277,7 @@ class Trainer:
                           "val_fgsm": line.val_fgsm})
         if self.dist.is_main:
             append_metric(self.out / "metrics.jsonl", line)  # on disk before the checkpoint that counts the epoch
+        self.board.epoch(p.global_step, line)
         self.save()
         return line
 

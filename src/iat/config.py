@@ -89,6 +89,14 @@ class SpeedConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Settings of multi-process (torchrun) runs; a single process ignores them."""
+
+    sync_bn: bool = setting(False, "BatchNorm statistics over the global batch of all processes (torch's "
+                            "SyncBatchNorm on CUDA, an all-reduce elsewhere)", flag="sync-bn")
+
+
+@dataclasses.dataclass
 class TrainConfig:
     method: str = setting("iat", "training method", choices="methods", flag="method")
     model: str = setting("cnn", "architecture: a registered name or package.module:factory, a factory(num_classes=, "
@@ -102,9 +110,14 @@ class TrainConfig:
     threat: ThreatModel = setting(factory=ThreatModel)
     val: ValConfig = setting(factory=ValConfig)
     speed: SpeedConfig = setting(factory=SpeedConfig)
+    distributed: DistributedConfig = setting(factory=DistributedConfig)
     checkpoint_every_steps: int = setting(0, "also save the training state every N batches (0: only at the end "
                                           "of each epoch)", flag="checkpoint-every", bounds="[0, 1e12]")
     progress: bool = setting(True, "progress bars")
+    tensorboard: bool = setting(False, "also write TensorBoard event files to RUN/tensorboard/ (pip install "
+                                "\"iat[tensorboard]\")", flag="tensorboard")
+    tensorboard_every: int = setting(50, "TensorBoard: log the training loss every N batches",
+                                     flag="tensorboard-every", bounds="[1, 1e12]")
 
 
 # Keys of older configs that moved: a clear pointer instead of "unknown key".

@@ -143,7 +143,9 @@ def write_run(path: PathLike, record: RunRecord) -> None:
 
 # What a resumed run may change: where it runs and what it prints, never its arithmetic.
 MAY_CHANGE = ("config.device", "config.progress", "config.data.root", "config.data.download",
-              "config.checkpoint_every_steps", "device", "torch")
+              "config.checkpoint_every_steps", "config.tensorboard", "config.tensorboard_every", "device", "torch")
+# Settings added after a record version: what their absence means, so older runs stay the same run.
+ABSENT_MEANS = {"config.distributed.sync_bn": False}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -169,7 +171,7 @@ def identity(record: RunRecord) -> dict[str, Any]:
         tree["model"] = record.model
     if record.data is not None:
         tree["data"] = {k: record.data.get(k) for k in ("name", "train", "val", "test")}
-    flat = _flat(json.loads(json.dumps(tree)))  # tuples become lists, as in the saved file
+    flat = {**ABSENT_MEANS, **_flat(json.loads(json.dumps(tree)))}  # tuples become lists, as in the saved file
     return {k: v for k, v in flat.items() if k not in MAY_CHANGE}
 
 

@@ -7,7 +7,8 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `setup` reads them and joins the 
 CPU, nccl on CUDA). optim.batch_size stays the GLOBAL batch: each of W ranks takes batch_size / W of
 it, so a run's arithmetic does not depend on how many processes run it (up to floating-point order).
 Random starts of attacks are drawn for the global batch and sliced per rank (`sharded_noise`), so two
-ranks of batch B craft exactly the examples one process of batch 2B crafts.
+ranks of batch B craft exactly the examples one process of batch 2B crafts. BatchNorm statistics are
+per rank unless distributed.sync_bn (--sync-bn) makes them those of the global batch (sync_bn.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from ..attacks.engine import noise_of_global_batch
 from ..errors import UsageError
+from .sync_bn import convert as convert_sync_bn
 
 
 @dataclass(frozen=True)
@@ -100,14 +102,17 @@ def sharded_noise() -> Iterator[None]:
         yield
 
 
-def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
     """DistributedDataParallel around the model in a multi-process run; the model itself otherwise.
 
     Only the training forward and backward go through the wrapper (gradients averaged over ranks,
-    buffers broadcast from rank 0); the attack engine unwraps it to craft on the bare module.
+    buffers broadcast from rank 0); the attack engine unwraps it to craft on the bare module. With
+    sync_bn, the model's BatchNorm layers first become global-batch ones, in place (`sync_bn.convert`).
     """
     if not info().enabled:
         return model
+    if sync_bn:
+        convert_sync_bn(model, device)
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..records import RunRecord, read_run
 from .checkpoint import load_checkpoint
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "tensorboard")
 EVAL_FILES = ("eval-*.json", "eval-*.csv", "eval-*.md", "eval-*-eps-sweep.png")  # what iat eval writes beside a run
 
 

@@ -27,6 +27,7 @@ from ..evaluation.sanity import check_class_coverage
 from ..models import create_model
 from ..records import MetricLine, RunRecord, append_metric, first_difference, read_metrics, write_metrics, write_run
 from . import distributed, layout, speed
+from .board import Board
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import resolve_device, rng_state, seed_everything, set_rng_state
 from .monitor import check_overfitting
@@ -76,6 +77,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(o, total))
         self.val_attacks = {"natural": create_attack("natural"), "robust": self._val_attack()}
         self.progress = Progress()
+        self.board = Board(cfg, self.out, self.dist.is_main)  # TensorBoard events (--tensorboard), else a no-op
         self.train_model: Optional[nn.Module] = None  # set once the layout is known
         self.layout_auto: Optional[dict[str, Any]] = None
         if cfg.speed.layout != "auto":
@@ -88,7 +90,8 @@ class Trainer:
         self.cfg = dataclasses.replace(self.cfg, speed=dataclasses.replace(self.cfg.speed, layout=name))
         self.layout_auto = about
         speed.prepare_model(self.model, self.cfg.speed)
-        self.train_model = speed.maybe_compile(distributed.wrap(self.model, self.device), self.cfg.speed)
+        ddp = distributed.wrap(self.model, self.device, sync_bn=self.cfg.distributed.sync_bn)  # BN layers converted first
+        self.train_model = speed.maybe_compile(ddp, self.cfg.speed)
 
     def _val_attack(self):
         return create_attack(self.cfg.val.attack, eps=self.threat.eps, steps=self.cfg.val.steps, norm=self.threat.norm)
@@ -186,6 +189,7 @@ class Trainer:
             write_run(self.out / "config.json", self.record())
         distributed.barrier()
         cfg = self.cfg
+        self.board.open(resumed_at=self.progress.global_step)
         while self.progress.epoch < cfg.optim.epochs:
             epoch = self.progress.epoch
             t0 = time.perf_counter()
@@ -195,6 +199,7 @@ class Trainer:
             record = self.end_epoch(epoch, train_metrics, train_time)
             if self.dist.is_main:
                 tqdm.write(self.summary_line(record))
+        self.board.close()
         return {"best_epoch": self.progress.best_epoch, "best_val_robust": self.progress.best_robust,
                 "epochs": self.progress.epoch, "train_seconds": self.progress.elapsed}
 
@@ -225,6 +230,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.float()
             p.step += 1
             p.global_step += 1
+            self.board.step(p.global_step, metrics)
             bar.update(1)
             if p.step % 20 == 0 or p.step == len(self.loader):
                 self._check_finite(bad_step, epoch)
@@ -289,6 +295,7 @@ class Trainer:
                           "val_fgsm": line.val_fgsm})
         if self.dist.is_main:
             append_metric(self.out / "metrics.jsonl", line)  # on disk before the checkpoint that counts the epoch
+        self.board.epoch(p.global_step, line)
         self.save()
         return line
 

@@ -144,8 +144,11 @@ def write_run(path: PathLike, record: RunRecord) -> None:
 # What a resumed run may change: where it runs and what it prints, never its arithmetic.
 MAY_CHANGE = ("config.device", "config.progress", "config.data.root", "config.data.download",
               "config.checkpoint_every_steps", "config.tensorboard", "config.tensorboard_every", "device", "torch")
-# Settings added after a record version: what their absence means, so older runs stay the same run.
-ABSENT_MEANS = {"config.distributed.sync_bn": False}
+# Settings added after runs were recorded, with the value those runs had, so that a record without the
+# setting is the same run as one with this value: dotted key -> (method the key belongs to, or None for
+# every run, value).
+ABSENT_MEANS: dict[str, tuple[Optional[str], Any]] = {"config.distributed.sync_bn": (None, False),
+                                                      "method.start": ("uiat-fgsm", "random")}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -154,24 +157,20 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-# Method options added after runs were recorded, with the value those runs had: a record without the
-# option is the same run as one with this value (method name, option) -> value.
-ADDED_OPTIONS = {("uiat-fgsm", "start"): "random"}
-
-
 def identity(record: RunRecord) -> dict[str, Any]:
     """Dotted key -> value of everything that must stay the same for two runs to be the same run: the
     config (method options as the method resolved them), the method, the model spec and the data's split
     sizes, as far as the record holds them."""
     tree: dict[str, Any] = {"config": record.config}
     if record.method is not None:
-        added = {k: v for (name, k), v in ADDED_OPTIONS.items() if name == record.method.get("name")}
-        tree["method"] = {**added, **record.method}
+        tree["method"] = record.method
     if record.model is not None:
         tree["model"] = record.model
     if record.data is not None:
         tree["data"] = {k: record.data.get(k) for k in ("name", "train", "val", "test")}
-    flat = {**ABSENT_MEANS, **_flat(json.loads(json.dumps(tree)))}  # tuples become lists, as in the saved file
+    name = (record.method or {}).get("name")
+    absent = {k: v for k, (method, v) in ABSENT_MEANS.items() if method in (None, name)}
+    flat = {**absent, **_flat(json.loads(json.dumps(tree)))}  # tuples become lists, as in the saved file
     return {k: v for k, v in flat.items() if k not in MAY_CHANGE}
 
 

@@ -1,0 +1,105 @@
+"""Every `iat ...` command in the README's shell blocks runs, in README order, in one scratch folder.
+
+Each README line maps to the command the test runs. The substitutions are written here, one per line:
+data sets that need downloads or hours become the synthetic set or the small CNN, evaluations get a
+few dozen examples, table runs become `--dry-run` / `--table-only`; everything else is run as written.
+A README command without an entry here fails the first test, so a new command cannot go untested.
+"""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iat.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+TINY = "--dataset synthetic --model cnn --epochs 1 --batch-size 64 --val-size 64 --steps 1 --val-steps 1 --no-progress"
+FEW = "--n-examples 24 --no-progress"
+
+# README line (comment stripped) -> command run here (None: not an iat command, see NOT_RUN)
+COMMANDS = {
+    "iat list models|attacks|methods|datasets|optimizers|schedules|norms":
+        [f"list {what}" for what in "models attacks methods datasets optimizers schedules norms".split()],
+    "iat data fetch mnist --root data": ["data fetch {fetch}"],
+    "iat train --method iat --dataset mnist --model cnn --eps 0.3 --out runs/x [--config FILE] [-O key=value]":
+        [f"train --method iat --eps 0.3 --out runs/x -O steps_inv=1 {TINY}"],
+    "iat eval runs/x --attacks natural,fgsm,pgd20,cw [--checkpoint best|last] [--n-examples N]":
+        [f"eval runs/x --attacks natural,fgsm,pgd20,cw --checkpoint {k} {FEW}" for k in ("best", "last")],
+    "iat train --help": ["train --help"],
+    "iat train --method iat --dataset mnist --model cnn --out runs/x --tensorboard":
+        [f"train --method iat --out runs/tb --tensorboard -O steps_inv=1 {TINY}"],
+    "iat train --config configs/cifar10-resnet18-iat.toml --data-dir data --out runs/c10-r18-iat":
+        [f"train --config {ROOT}/configs/cifar10-resnet18-iat.toml --out runs/c10-r18-iat -O steps_inv=1 {TINY}"],
+    "iat eval runs/c10-r18-iat --attacks natural,fgsm,pgd20,cw": [f"eval runs/c10-r18-iat --attacks natural,fgsm,pgd20,cw {FEW}"],
+    "torchrun --standalone --nproc_per_node 4 -m iat train --config configs/cifar10-resnet18-iat.toml --sync-bn "
+    "--data-dir data --out runs/c10-r18-iat":
+        ["torchrun " f"train --config {ROOT}/configs/cifar10-resnet18-iat.toml --sync-bn --out runs/ddp -O steps_inv=1 "
+         f"{TINY.replace('--model cnn', '--model cnn4')}"],
+    "iat eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --n-examples 1000":
+        [f"eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --out runs/x/eval-best-all.json {FEW}"],
+    "iat eval runs/x --eps-sweep auto": [f"eval runs/x --eps-sweep auto --out runs/x/eval-best-sweep.json {FEW}"],
+    "iat report runs/a runs/b --out report": ["report runs/x runs/c10-r18-iat --out report --no-progress"],
+    "iat reproduce --list": ["reproduce --list"],
+    "iat reproduce c1c2-cifar10-jpeg --jobs 2": ["reproduce c1c2-cifar10-jpeg --jobs 2 --dry-run --out tables/a"],
+    "iat reproduce c3-cifar10-jpeg --jobs 2": ["reproduce c3-cifar10-jpeg --jobs 2 --dry-run --out tables/b"],
+    "iat reproduce paper-cifar10-resnet18 --gpus 0,1,2,3": ["reproduce paper-cifar10-resnet18 --gpus 0,1,2,3 --dry-run "
+                                                          "--out tables/c"],
+    "iat reproduce c1c2-fashion-mnist --results-md docs/results.md":
+        ["reproduce c1c2-fashion-mnist --table-only --out tables/fm --results-md results.md --no-plots"],
+    "iat train --resume runs/c10-r18-iat": ["train --resume runs/c10-r18-iat --no-progress"],
+}
+NOT_RUN = {"tensorboard --logdir runs/x/tensorboard": "starts TensorBoard's web server (the event files are read "
+                                                      "back in tests/test_tensorboard.py)"}
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the README's bash blocks, comments stripped, in order."""
+    lines, fence = [], None
+    for line in README.splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+            continue
+        if fence == "bash" and re.match(r"(iat|torchrun|tensorboard)\b", line):
+            lines.append(re.sub(r"\s+#.*$", "", line).strip())
+    return lines
+
+
+def test_every_readme_command_has_a_run_here():
+    found = [c for c in readme_commands() if c not in NOT_RUN]
+    assert found and set(found) == set(COMMANDS), (set(found) ^ set(COMMANDS))
+
+
+def _fetch_target(tmp: Path) -> str:
+    """MNIST is verified in place where this checkout has it (scripts/demo.sh fetches it); without it, the
+    download is not attempted (CI has no copy) and the synthetic set is 'fetched' instead."""
+    if (ROOT / "data" / "mnist").is_dir():
+        shutil.copytree(ROOT / "data" / "mnist", tmp / "data" / "mnist")
+        return "mnist --root data"
+    return "synthetic --root data"
+
+
+def test_readme_commands_run_in_order(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    shutil.copytree(ROOT / "docs" / "results" / "runs" / "c1c2-fashion-mnist", tmp_path / "tables" / "fm")
+    fetch = _fetch_target(tmp_path)
+    for readme in readme_commands():
+        for command in COMMANDS.get(readme, []):
+            command = command.format(fetch=fetch)
+            if command.startswith("torchrun "):
+                argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "iat", *command.split()[1:]]
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+                assert done.returncode == 0, f"{readme}\n{done.stderr[-2000:]}"
+                continue
+            try:
+                code = main(command.split())
+            except SystemExit as stop:  # --help
+                code = stop.code
+            assert code == 0, f"{readme} -> iat {command}: exit {code}\n{capsys.readouterr().err[-2000:]}"
+    assert (tmp_path / "results.md").read_text().count("iat reproduce c1c2-fashion-mnist: begin") == 1
+    assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "runs" / "tb" / "tensorboard").is_dir()

@@ -162,7 +162,8 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
                 ax.axhline(sum(ref) / len(ref), color=f"C{i}", linestyle="--", linewidth=1,
                            label=f"{points['reference']} {column} (band: seed range)")
                 ax.axhspan(min(ref), max(ref), color=f"C{i}", alpha=0.12, linewidth=0)
-        ticks = sorted({p["x"] for data in points["by_checkpoint"][kind].values() for p in data["line"]})
+        drawn = [p for data in points["by_checkpoint"][kind].values() for p in data["line"] if p["seeds"]]
+        ticks = sorted({p["x"] for p in drawn})
         ax.set_xticks(ticks, [fmt_eps(t) if t else "0" for t in ticks])
         ax.set_xlabel(option)
         ax.set_ylabel("test accuracy (%)")

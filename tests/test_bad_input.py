@@ -332,3 +332,104 @@ def test_real_process_exit_2_one_line_no_traceback(tmp_path, args):
     assert not (tmp_path / "run").exists()
     debug = subprocess.run([sys.executable, "-m", "iat", "--debug", *argv], capture_output=True, text=True, env=env)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# ----------------------------------------------------------------- run folders: created only after every check
+
+@pytest.mark.parametrize("bad, message", [
+    (["-O", "beta=-1"], "method option beta must be in [0, inf)"),                 # method build
+    (["--batch-size", "100000"], "larger than the training split"),                 # sizes
+    (["--dataset", "mnist", "--data-dir", "{tmp}/nowhere"], "not found"),           # data set present
+    (["--model", "resnet18", "--set", "data.val_size=-1"], "val_size"),             # config value
+])
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failing_check_leaves_nothing_so_the_corrected_command_runs(bad, message, existed, tmp_path, capsys):
+    """iat 0.1 left config.json behind, so the corrected command was refused ("already holds a run")."""
+    out = tmp_path / "run"
+    if existed:
+        out.mkdir()
+    args = ["train", *FAST, "--method", "trades", "--out", str(out)]
+    assert main([*args, *(a.format(tmp=tmp_path) for a in bad)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[iat.data]")]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert out.exists() == existed and (not existed or list(out.iterdir()) == [])
+    assert main(args) == 0  # no --overwrite needed
+    assert (out / "config.json").is_file()
+
+
+def test_a_folder_of_other_files_is_neither_appended_to_nor_replaced(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    before = snapshot(out)
+    for extra in ([], ["--overwrite"]):
+        assert main(["train", *FAST, "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "holds files that are not an iat run" in err
+        assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# ----------------------------------------------------------------- iat eval: one writer per results file
+
+def _hold_lock_in_a_child(path: Path) -> subprocess.Popen:
+    code = ("import sys, time; from pathlib import Path; from iat.training.run_dir import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": SRC})
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_a_second_eval_writing_the_same_results_is_refused_and_a_dead_holder_is_taken_over(real_run, tmp_path,
+                                                                                            capsys):
+    from iat.training.run_dir import lock_path
+
+    results = tmp_path / "res.json"
+    args = ["eval", str(real_run), "--attacks", "natural", "--n-examples", "16", "--no-progress", "--out", str(results)]
+    holder = _hold_lock_in_a_child(results)
+    try:
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"pid {holder.pid}" in err and not results.exists()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file stays with a dead pid in it
+        holder.wait()
+    assert lock_path(results).read_text() == str(holder.pid)
+    assert main(args) == 0 and results.is_file()  # the kernel released the dead holder's lock
+    assert not lock_path(results).exists()
+
+
+def test_sigterm_during_eval_says_nothing_was_written(real_run, tmp_path):
+    import signal
+    import time
+
+    from iat.training.run_dir import lock_path
+
+    results = tmp_path / "res.json"
+    proc = subprocess.Popen([sys.executable, "-m", "iat", "eval", str(real_run), "--attacks", "pgd100",
+                             "--restarts", "20", "--no-progress", "--out", str(results)],
+                            env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not lock_path(results).exists():  # taken just before the evaluation starts
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "iat: interrupted; no results were written (they are written when the " \
+                                           "evaluation ends)"
+    assert not results.exists() and not lock_path(results).exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{run}", "--attacks", "pgd20:steps=x"], "attack pgd20: steps must be a number"),
+    (["eval", "{run}", "--attacks", "pgd20:restarts=2.5"], "attack pgd20: restarts must be an integer"),
+    (["report", "{run}", "--out", "{run}/config.json", "--eval-missing"], "is a file, not a folder"),
+])
+def test_eval_and_report_name_the_bad_value(args, message, real_run, capsys):
+    before = snapshot(real_run)
+    assert main([a.format(run=real_run) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert snapshot(real_run) == before

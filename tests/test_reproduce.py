@@ -189,6 +189,74 @@ def test_bad_specs_fail_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+CELLS = SPEC[SPEC.index("[[cells]]"):SPEC.index("[[evals]]")]
+CONFIG = SPEC[SPEC.index("[config]"):SPEC.index("[[cells]]")]
+
+
+@pytest.mark.parametrize("edits", [
+    (('seeds = [0, 1]', 'seeds = "x"'), "seeds must be a list, got 'x'"),
+    (('seeds = [0, 1]', 'seeds = "12"'), "seeds must be a list"),          # was read as seeds 1 and 2
+    (('seeds = [0, 1]', 'seeds = [0.5]'), "seeds must be an integer"),
+    (('seeds = [0, 1]', 'seeds = [1, 1]'), "distinct integers"),
+    (('seeds = [0, 1]', 'seeds = []'), "non-empty list"),                 # was an IndexError traceback
+    (('seeds = [0, 1]', 'seeds = [0, 1]\ncells = 5'), (CELLS, ''), "cells must be a list"),
+    (('seeds = [0, 1]', 'seeds = [0, 1]\nconfig = 5'), (CONFIG, ''), "config must be a table"),  # was a traceback
+    (('seeds = [0, 1]', 'seeds = [0, 1]\ncheckpoints = "last"'), None),   # one name is fine (was 'l','a','s','t')
+    (('attacks = "natural,cw"', 'attacks = "natural,cw,nope"'), "unknown attack 'nope'"),  # found at load
+    (('attacks = "natural,pgd20"', 'attacks = "natural,pgd20:steps=x"'), "attack pgd20: steps must be a number"),
+    (('attacks = "natural,pgd20"', 'attacks = 5'), "attacks must be a string"),
+    (('n_examples = 48', 'n_examples = -3'), "n_examples must be at least 1"),
+    (('late = true', 'late = "maybe"'), "late must be"),
+    (('name = "iat"', 'name = "../iat"'), "every cell needs a name"),
+])
+def test_bad_spec_values_fail_at_load_before_any_training(edits, spec_file, tmp_path, capsys):
+    *edits, message = edits
+    text = SPEC
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new, 1)
+    spec_file.write_text(text)
+    out = tmp_path / "o"
+    if message is None:
+        assert specs.load_spec(str(spec_file)).checkpoints == ("last",)
+        return
+    assert main(["reproduce", str(spec_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iat: error:") and message in err[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "1,x"], "--seeds takes comma-separated integers"),
+    (["--seeds", "1,1"], "--seeds names a seed twice"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--out", "{tmp}/file/o"], "is a file, not a folder"),  # was exit 1 after printing the plan
+])
+def test_bad_reproduce_flags_fail_in_one_line(flags, message, spec_file, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert main(["reproduce", str(spec_file), *([] if "--out" in flags else ["--out", str(tmp_path / "o")]),
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_second_reproduce_of_the_same_table_is_refused(spec_file, tmp_path, capsys):
+    """The runner locks its table folder; its `iat train` children lock their own cells (the full runner test
+    above runs them under this lock, so the two never wait on each other)."""
+    from iat.training.run_dir import lock_path, run_lock
+
+    out = tmp_path / "table"
+    with run_lock(out):  # a runner of this table in progress
+        assert main(["reproduce", str(spec_file), "--out", str(out), "--no-plots"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {os.getpid()}" in err[0], err
+        assert not out.exists()
+        assert main(["reproduce", str(spec_file), "--out", str(out), "--dry-run"]) == 0  # reads only
+    assert not lock_path(out).exists()
+
+
 def test_builtin_tables_are_valid_and_listed(capsys):
     tables = specs.builtin_tables()
     assert {"c1c2-cifar10-jpeg", "c1c2-fashion-mnist", "c3-cifar10-jpeg"} <= set(tables)

@@ -14,7 +14,7 @@ import warnings
 from typing import Any, Optional, Sequence
 
 from ..errors import UsageError
-from .commands import COMMANDS
+from .commands import COMMANDS, INTERRUPTED
 
 
 class Parser(argparse.ArgumentParser):
@@ -56,8 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"iat: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("iat: interrupted; the last checkpoint written (if any) is kept, and --resume continues from it",
-              file=sys.stderr)
+        print(f"iat: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
     finally:
         if previous is not None:

@@ -116,11 +116,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.target, cfg)
     if out.suffix != ".json":
         raise UsageError(f"--out must name a .json file (CSV and Markdown go beside it), got {out}")
-    from ..training.run_dir import check_writable
+    from ..training.run_dir import check_writable, run_lock
 
     check_writable(out.parent)  # before the evaluation, not after it
-    result = evaluate_checkpoint(args.target, cfg)
-    written = write_eval_files(result, out)
+    with run_lock(out):  # a second eval writing the same results is refused before it attacks anything
+        result = evaluate_checkpoint(args.target, cfg)
+        written = write_eval_files(result, out)
     print(f"{result.checkpoint} (epoch {result.checkpoint_epoch}) on {result.data['source']}, "
           f"test split, {result.data['n_examples']} examples, seed {cfg.seed}, mode {result.mode},")
     source = "--eps" if cfg.eps is not None else (result.method or {}).get("threat_model",
@@ -194,6 +195,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     print(f"{args.name}: ready in {path}")
     return 0
 
+
+INTERRUPTED = {  # what Ctrl-C or SIGTERM leaves behind, said in one line
+    "train": "the last checkpoint written (if any) is kept, and --resume continues from it",
+    "eval": "no results were written (they are written when the evaluation ends)",
+    "report": "evaluations already written are kept; the report was not written",
+    "reproduce": "finished cells and interrupted runs' checkpoints are kept; the same command continues them",
+}
 
 COMMANDS: dict[str, tuple[Any, Any]] = {
     "train": (train_parser, cmd_train), "eval": (eval_parser, cmd_eval), "report": (report_parser, cmd_report),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +23,7 @@ from ..errors import UsageError
 from ..records import EvalRecord, RunRecord
 from ..threat import ThreatModel
 from ..training.device import resolve_device
-from ..values import parse_literal, parse_number
+from ..values import coerce, parse_literal, parse_number
 from .accuracy import pack_flags, robust_accuracy
 from .loading import checkpoint_path, is_pickle, load_model, load_model_file
 from .sanity import check_class_coverage, run_checks
@@ -68,6 +69,13 @@ def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), overrides
 
 
+def typed_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """NAME:KEY=VALUE values as the attack's fields declare them (pgd20:steps=x is named, not a TypeError)."""
+    hints = typing.get_type_hints(PGD)
+    return {k: coerce(v, hints[k], f"attack {name}: {k}") if hints.get(k) in (int, float, bool) else v
+            for k, v in overrides.items()}
+
+
 def build_attacks(names: str, threat: ThreatModel, restarts: int = 1) -> dict[str, Any]:
     """Comma-separated specs -> {spec: attack} in `threat`'s ball; 'natural' comes first even when not asked for."""
     specs = [n.strip() for n in names.split(",") if n.strip()]
@@ -83,7 +91,7 @@ def build_attacks(names: str, threat: ThreatModel, restarts: int = 1) -> dict[st
         if name == "natural":
             continue
         try:
-            attack = create_attack(name, **{"eps": threat.eps, "norm": threat.norm, **overrides})
+            attack = create_attack(name, **{"eps": threat.eps, "norm": threat.norm, **typed_overrides(name, overrides)})
         except TypeError as err:
             raise UsageError(f"attack {name!r} does not accept {sorted(overrides)}: {err}") from None
         if isinstance(attack, PGD) and attack.random_start and restarts > 1 and "restarts" not in overrides:

@@ -189,6 +189,7 @@ class ReportConfig:
 
 def _eval_missing(runs: list[Path], kinds: tuple[str, ...], cfg: ReportConfig) -> None:
     from ..evaluation.pipeline import EvalConfig, evaluate_checkpoint
+    from ..training.run_dir import run_lock
     from .eval_tables import write_eval_files
 
     for run in runs:
@@ -199,7 +200,8 @@ def _eval_missing(runs: list[Path], kinds: tuple[str, ...], cfg: ReportConfig) -
                                   batch_size=cfg.batch_size, device=cfg.device, seed=cfg.seed,
                                   data_dir=cfg.data_dir, progress=cfg.progress)
                 print(f"evaluating {run} ({kind}) ...")
-                write_eval_files(evaluate_checkpoint(str(run), ecfg), run / f"eval-{kind}.json")
+                with run_lock(run / f"eval-{kind}.json"):  # the same lock as `iat eval --out`
+                    write_eval_files(evaluate_checkpoint(str(run), ecfg), run / f"eval-{kind}.json")
 
 
 def write_report(cfg: ReportConfig) -> list[Path]:
@@ -213,6 +215,9 @@ def write_report(cfg: ReportConfig) -> list[Path]:
         raise UsageError(f"--checkpoints takes best, last or best,last; got {cfg.checkpoints!r}")
     if cfg.plots:
         require_matplotlib()
+    from ..training.run_dir import check_writable
+
+    check_writable(Path(cfg.out))  # before any evaluation, not after it
     if cfg.eval_missing:
         _eval_missing(paths, kinds, cfg)
     runs = [load_run(p, paths) for p in paths]

@@ -22,6 +22,7 @@ from typing import Optional
 
 from ..config import setting
 from ..errors import UsageError
+from ..training.run_dir import check_writable, run_lock
 from ..values import parse_int
 from .runner import run_table
 from .spec import builtin_tables, load_spec
@@ -55,6 +56,17 @@ def list_tables() -> None:
         print(f"{name:<{width}}  {len(spec.cells)} cells x {len(spec.seeds)} seed(s)  {spec.title}")
 
 
+def parse_seeds(text: str) -> list[int]:
+    """--seeds 0,1,2: distinct integers (a seed given twice would train one cell twice)."""
+    try:
+        seeds = [parse_int(s, "--seeds") for s in text.split(",")]
+    except UsageError:
+        raise UsageError(f"--seeds takes comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds names a seed twice: {text}")
+    return seeds
+
+
 def reproduce(cfg: ReproduceConfig) -> int:
     """Advance every cell of the table, then write it; 1 if a cell failed (each failure printed)."""
     if cfg.list or not cfg.table:
@@ -62,8 +74,11 @@ def reproduce(cfg: ReproduceConfig) -> int:
         return 0
     spec = load_spec(cfg.table)
     if cfg.seeds:
-        spec.seeds = [parse_int(s, "--seeds") for s in cfg.seeds.split(",")]
+        spec.seeds = parse_seeds(cfg.seeds)
     out = Path(cfg.out or Path("runs") / "reproduce" / spec.name)
+    check_writable(out)
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {cfg.threads}")
     gpus = [g.strip() for g in cfg.gpus.split(",") if g.strip()] if cfg.gpus else None
     jobs = cfg.jobs if cfg.jobs is not None else len(gpus) if gpus else 1
     if jobs < 1:
@@ -74,9 +89,13 @@ def reproduce(cfg: ReproduceConfig) -> int:
         from ..reporting.plots import require_matplotlib
 
         require_matplotlib()
-    failures = [] if cfg.table_only else run_table(spec, out, jobs, cfg.threads, cfg.dry_run, gpus)
-    if cfg.dry_run:
-        return 0
+    if cfg.dry_run or cfg.table_only:
+        failures = [] if cfg.table_only else run_table(spec, out, jobs, cfg.threads, True, gpus)
+        if cfg.dry_run:
+            return 0
+    else:  # one runner per table folder; its `iat train` / `iat eval` children lock their own cells' files
+        with run_lock(out):
+            failures = run_table(spec, out, jobs, cfg.threads, False, gpus)
     command = f"iat reproduce {cfg.table}" + (f" --seeds {cfg.seeds}" if cfg.seeds else "")
     table = write_table(spec, out, Path(cfg.results_md) if cfg.results_md else None, command, cfg.plots)
     print(f"iat reproduce {spec.name}: table in {out / 'table.md'}"

@@ -3,12 +3,14 @@ evaluations and the claims to check, read from TOML and validated before anythin
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
 from ..data.standards import resolve_threat
 from ..errors import UsageError
+from ..values import parse_bool, parse_int
 
 SPEC_DIR = Path(__file__).parents[1] / "experiments"
 KINDS = ("best", "last")
@@ -97,7 +99,8 @@ def builtin_tables() -> dict[str, Path]:
 
 
 def load_spec(name: str) -> TableSpec:
-    """A built-in table by name, or a TOML spec file by path; every cell's config is checked here."""
+    """A built-in table by name, or a TOML spec file by path; every field, cell config and eval attack is
+    checked here, so a bad value fails at once, not an hour into the run."""
     path = Path(name)
     if not path.is_file():
         tables = builtin_tables()
@@ -109,23 +112,81 @@ def load_spec(name: str) -> TableSpec:
     if set(raw) - known:
         raise UsageError(f"{path}: unknown keys {sorted(set(raw) - known)}; a table spec has {sorted(known)}")
     try:
-        cells = [Cell(c.pop("name"), c) for c in (dict(c) for c in raw["cells"])]
-        evals = [EvalGroup(**e) for e in raw.get("evals", [{"attacks": "natural,pgd20,cw"}])]
-        spec = TableSpec(
-            name=path.stem, title=raw.get("title", path.stem), seeds=[int(s) for s in raw.get("seeds", [0])],
-            config=raw["config"], cells=cells, evals=evals, checkpoints=tuple(raw.get("checkpoints", KINDS)),
-            compare=[Compare(**c) for c in raw.get("compare", [])],
-            sweeps=[Sweep(**s) for s in raw.get("sweeps", [])], notes=raw.get("notes", ""), source=str(path))
+        spec = _parse(raw, path)
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{path}: malformed table spec ({type(err).__name__}: {err})") from None
+    _check(spec)
+    return spec
+
+
+def _typed(raw: dict, key: str, kind: type, default: Any) -> Any:
+    value = raw.get(key, default)
+    if not isinstance(value, kind):
+        raise UsageError(f"{key} must be a {_KIND_NAMES.get(kind, 'list or string')}, got {value!r}")
+    return value
+
+
+_KIND_NAMES = {list: "list", dict: "table", str: "string"}
+
+
+def _tables(raw: dict, key: str, default: Any) -> list[dict]:
+    items = _typed(raw, key, list, default)
+    if not all(isinstance(item, dict) for item in items):
+        raise UsageError(f"{key} must be a list of tables ([[{key}]]), got {items!r}")
+    return [dict(item) for item in items]
+
+
+def _parse(raw: dict, path: Path) -> TableSpec:
+    if "cells" not in raw or "config" not in raw:
+        raise UsageError("a table spec needs [config] and at least one [[cells]]")
+    seeds = [parse_int(s, "seeds") for s in _typed(raw, "seeds", list, [0])]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"seeds must be a non-empty list of distinct integers, got {seeds}")
+    cells = []
+    for c in _tables(raw, "cells", None):
+        if not isinstance(c.get("name"), str) or not NAME_RE.fullmatch(c["name"]):
+            raise UsageError(f"every cell needs a name of letters, digits, '.', '_' or '-', got {c.get('name')!r}")
+        cells.append(Cell(c.pop("name"), c))
+    evals = [_eval_group(e) for e in _tables(raw, "evals", [{"attacks": "natural,pgd20,cw"}])]
+    checkpoints = _typed(raw, "checkpoints", (list, str), list(KINDS))
+    return TableSpec(
+        name=path.stem, title=_typed(raw, "title", str, path.stem), seeds=seeds, config=_typed(raw, "config", dict, None),
+        cells=cells, evals=evals, checkpoints=tuple([checkpoints] if isinstance(checkpoints, str) else checkpoints),
+        compare=[Compare(**c) for c in _tables(raw, "compare", [])],
+        sweeps=[Sweep(**s) for s in _tables(raw, "sweeps", [])], notes=_typed(raw, "notes", str, ""),
+        source=str(path))
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _eval_group(raw: dict) -> EvalGroup:
+    group = EvalGroup(**raw)
+    if not isinstance(group.attacks, str) or not group.columns():
+        raise UsageError(f"evals: attacks must be a string like \"natural,pgd20\", got {group.attacks!r}")
+    if group.n_examples is not None:
+        group.n_examples = parse_int(group.n_examples, "evals: n_examples")
+        if group.n_examples < 1:
+            raise UsageError(f"evals: n_examples must be at least 1, got {group.n_examples}")
+    if not isinstance(group.name, str) or not (group.name == "" or NAME_RE.fullmatch(group.name)):
+        raise UsageError(f"evals: name must be letters, digits, '.', '_' or '-', got {group.name!r}")
+    group.late = parse_bool(group.late, "evals: late")
+    return group
+
+
+def _check(spec: TableSpec) -> None:
+    """What one field alone cannot say: distinct names, known cells and attacks, every cell's config valid."""
+    path = spec.source
     names = [c.name for c in spec.cells]
     if len(set(names)) != len(names) or not names:
         raise UsageError(f"{path}: cells need distinct names, got {names}")
     groups = [g.name for g in spec.evals]
     if len(set(groups)) != len(groups) or not groups or spec.evals[0].late:
         raise UsageError(f"{path}: evals need distinct names and a first group that is not late, got {groups}")
-    if not set(spec.checkpoints) <= set(KINDS):
-        raise UsageError(f"{path}: eval.checkpoints must be among {KINDS}, got {list(spec.checkpoints)}")
+    if not set(spec.checkpoints) <= set(KINDS) or not spec.checkpoints:
+        raise UsageError(f"{path}: checkpoints must be among {KINDS}, got {list(spec.checkpoints)}")
     for cmp in spec.compare:
         if {cmp.base, cmp.ours} - set(names) or cmp.kind not in ("robust", "overfitting"):
             raise UsageError(f"{path}: compare {cmp} names an unknown cell or kind (robust|overfitting)")
@@ -133,11 +194,22 @@ def load_spec(name: str) -> TableSpec:
         check_sweep(spec, sweep, path)
     for cell in spec.cells:  # unknown keys and bad values fail now, not an hour into the run
         try:
-            spec.train_config(cell, spec.seeds[0])
+            cfg = spec.train_config(cell, spec.seeds[0])
+            for group in spec.evals:
+                check_attacks(group.attacks, cfg)
         except UsageError as err:
             raise UsageError(f"{path}: cell {cell.name!r}: {err}") from None
-    return spec
 
+
+def check_attacks(attacks: str, cfg: C.TrainConfig) -> None:
+    """The attacks of an eval group, built in the cell's threat model (AutoAttack by name only: its package
+    is an optional extra that `iat reproduce --list` must not need)."""
+    from ..evaluation.pipeline import build_attacks, parse_attack_spec
+
+    specs = [a for a in attacks.split(",") if a.strip()]
+    build_attacks(",".join(a for a in specs if parse_attack_spec(a)[0] != "autoattack") or "natural", cfg.threat)
+    if len(set(specs)) != len(specs):
+        raise UsageError(f"attacks names an attack twice: {attacks}")
 
 
 def option_value(spec: TableSpec, cell: Cell, option: str) -> float:

@@ -52,6 +52,8 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, o
         raise UsageError("--resume continues a run and --overwrite replaces it; pass only one of them")
     if exists and saved is None and not overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if not exists and out.is_dir() and any(not p.name.endswith(".iat-lock") for p in out.iterdir()):
+        raise UsageError(f"{out} holds files that are not an iat run; choose a new or empty folder as --out")
     check_writable(out)
     trainer = Trainer(cfg, out)  # every bad input fails here, before anything in `out` changes
     main_rank = trainer.dist.is_main  # under torchrun only rank 0 touches the run directory
@@ -72,29 +74,44 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, o
 
 
 def lock_path(out: Path) -> Path:
-    """Beside the run directory, so taking the lock creates nothing inside it."""
+    """Beside the folder or file it guards, so taking the lock creates nothing inside a run directory."""
     return out.parent / f".{out.name}.iat-lock"
 
 
 @contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """An OS lock held for the whole run: a second `iat train` into the same folder gets a one-line error
-    naming the holder; the kernel drops the lock of a process that dies, so a stale lock cannot block."""
+def run_lock(out: Path, what: str = "--out") -> Iterator[None]:
+    """An OS lock on `out` (a run directory, an eval's results, a reproduce table's folder) held while a
+    command writes it: a second writer gets a one-line error naming the holder's pid. The kernel drops the
+    lock of a process that dies, so a stale lock file is simply taken over; the file is removed on release."""
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(path, out, what)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
-            raise UsageError(f"{out} is in use by a running iat (pid {holder}); wait for it to finish or choose "
-                             "another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        path.unlink(missing_ok=True)  # while still holding it; a waiter that opened this file retries
         os.close(fd)  # releases the lock
+
+
+def _acquire(path: Path, out: Path, what: str) -> int:
+    """A locked descriptor of the file now at `path` (a file unlinked by its releasing holder is retried)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(f"{out} is in use by a running iat (pid {holder}); wait for it to finish or choose "
+                             f"another {what}") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def clear(out: Path) -> None:
@@ -113,7 +130,7 @@ def check_writable(out: Path) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"cannot create run directory {out}: {probe} is a file, not a folder; choose another --out")
+        raise UsageError(f"cannot create {out}: {probe} is a file, not a folder; choose another --out")
     try:  # a real write, because as root os.access says yes even on a read-only mount
         with tempfile.TemporaryFile(dir=probe):
             pass

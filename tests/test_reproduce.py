@@ -358,3 +358,16 @@ def test_every_shipped_spec_and_config_states_its_eps():
         cfg = C.from_dict(C.read_config_file(path))
         assert resolve_threat(cfg.data.name, cfg.threat, set(C.read_config_file(path).get("threat", {})))[1] == \
             "as given", path
+
+
+def test_dry_run_shows_settings_the_late_phase_and_a_timed_estimate(spec_file, tmp_path, capsys):
+    out = tmp_path / "table"
+    assert main(["reproduce", str(spec_file), "--out", str(out), "--dry-run", "--jobs", "2", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "  iat: iat (steps_inv=1), cnn on synthetic (val_size 64), 2 epochs x batch 64" in err
+    assert "late phase, after every cell has trained: natural,cw on 32 test examples, checkpoints best, last" in err
+    estimate = re.search(r"  pgd-at: (\d+) ms/step x (\d+) steps x 2 epochs x 2 seed\(s\)", err)
+    assert estimate and int(estimate.group(2)) > 0 and "training in all: about" in err
+    assert not out.exists()  # a plan writes nothing
+    assert main(["reproduce", str(spec_file), "--out", str(out), "--dry-run", "--no-estimate"]) == 0
+    assert "ms/step" not in capsys.readouterr().err

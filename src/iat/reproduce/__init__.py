@@ -16,6 +16,7 @@ markers, so documentation never holds a number typed by hand.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -24,6 +25,7 @@ from ..config import setting
 from ..errors import UsageError
 from ..training.run_dir import check_writable, run_lock
 from ..values import parse_int
+from .plan import print_plan
 from .runner import run_table
 from .spec import builtin_tables, load_spec
 from .table import write_table
@@ -41,7 +43,10 @@ class ReproduceConfig:
     gpus: Optional[str] = setting(None, "GPU ids ID,ID,...; each running cell gets one of them alone "
                                   "(CUDA_VISIBLE_DEVICES)")
     threads: Optional[int] = setting(None, "torch threads per cell (default cores / jobs)")
-    dry_run: bool = setting(False, "print what would run and stop")
+    dry_run: bool = setting(False, "print each cell's settings, the evaluations and the commands that would run, "
+                            "and stop")
+    estimate: bool = setting(True, "with --dry-run, time a few training steps of each cell on this machine to "
+                             "estimate the training time")
     table_only: bool = setting(False, "write the table from the finished cells; run nothing")
     results_md: Optional[str] = setting(None, "also paste the table into this file between its markers (plot "
                                         "beside it in results/)")
@@ -89,6 +94,9 @@ def reproduce(cfg: ReproduceConfig) -> int:
         from ..reporting.plots import require_matplotlib
 
         require_matplotlib()
+    if cfg.dry_run:
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+        print("\n".join(print_plan(spec, out, jobs, threads, cfg.estimate)), file=sys.stderr)
     if cfg.dry_run or cfg.table_only:
         failures = [] if cfg.table_only else run_table(spec, out, jobs, cfg.threads, True, gpus)
         if cfg.dry_run:

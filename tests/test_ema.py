@@ -83,6 +83,11 @@ def test_on_writes_ema_checkpoints_metrics_and_eval_accepts_them(ema_run, capsys
                  "--no-progress"]) == 0
     result = json.loads((ema_run / "eval-last-ema.json").read_text())
     assert result["checkpoint_kind"] == "last-ema"
+    report = ema_run.parent / f"{ema_run.name}-report"
+    assert main(["report", str(ema_run), "--checkpoints", "last-ema", "--no-plots", "--out", str(report)]) == 0
+    (row,) = json.loads((report / "report.json").read_text())["rows"]
+    assert row["checkpoint"] == "last-ema" and row["epoch"] == 2
+    assert row["acc"]["natural"] == result["results"][0]["accuracy"]
 
 
 def test_resume_mid_run_is_bitwise_equal_for_weights_and_ema(tmp_path, ema_run, monkeypatch):

@@ -62,6 +62,8 @@ class OptimConfig:
     grad_clip: float = setting(0.0, "clip the gradient norm to this (0: off)", bounds="[0, inf)")
     eps_warmup: float = setting(0.0, "fraction of training over which eps and step size ramp up from 0 (a per-step "
                                 "scale of the threat model)", flag="eps-warmup", bounds="[0, 1)")
+    ema_decay: float = setting(0.0, "EMA of the weights after each step, this decay (warmed up; 0: off; e.g. 0.999): "
+                               "also validated, saved as best-ema and last-ema", flag="ema-decay", bounds="[0, 1)")
 
 
 @dataclasses.dataclass

@@ -148,6 +148,7 @@ MAY_CHANGE = ("config.device", "config.progress", "config.data.root", "config.da
 # setting is the same run as one with this value: dotted key -> (method the key belongs to, or None for
 # every run, value).
 ABSENT_MEANS: dict[str, tuple[Optional[str], Any]] = {"config.distributed.sync_bn": (None, False),
+                                                      "config.optim.ema_decay": (None, 0.0),
                                                       "method.start": ("uiat-fgsm", "random")}
 
 
@@ -213,6 +214,9 @@ class MetricLine:
     co_detected: bool = False
     co_reason: Optional[str] = None
     best_epoch: Optional[int] = None
+    val_natural_ema: Optional[float] = None  # the EMA weights' (optim.ema_decay > 0), else None
+    val_robust_ema: Optional[float] = None
+    best_ema_epoch: Optional[int] = None
     version: int = 1
 
     def to_dict(self) -> dict[str, Any]:

@@ -34,7 +34,8 @@ from .sweep import check_eps_sweep, default_sweep, eps_sweep
 class EvalConfig:
     """What `iat eval` runs; saved, resolved, in every results file (flags are generated from these)."""
 
-    checkpoint: str = setting("best", "which checkpoint of a run directory", choices=("best", "last"))
+    checkpoint: str = setting("best", "which checkpoint of a run directory (-ema: the EMA weights, optim.ema_decay)",
+                              choices=("best", "last", "best-ema", "last-ema"))
     attacks: str = setting("natural,fgsm,pgd20,cw", "comma-separated attacks, NAME[:KEY=VALUE...] (iat list attacks)")
     eps: Optional[float] = setting(None, "radius of the threat ball (default: the training eps; for a plain .pt, "
                                   "the data set's standard)")

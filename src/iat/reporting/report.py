@@ -26,6 +26,7 @@ from .plots import plot_training_curves, require_matplotlib
 from .render import csv_text, markdown_table
 
 KINDS = ("best", "last")
+EMA_KINDS = ("best-ema", "last-ema")  # the EMA weights' checkpoints (optim.ema_decay), reported when asked for
 ROW_FIELDS = ["run", "method", "checkpoint", "epoch", "n", "threat"]
 COLUMN_ORDER = ["natural", "fgsm", "pgd20", "pgd100", "cw", "autoattack"]
 
@@ -35,7 +36,7 @@ def read_evals(run: Path) -> dict[str, list[tuple[str, EvalRecord]]]:
     out: dict[str, list[tuple[str, EvalRecord]]] = {}
     for path in sorted(run.glob("eval-*.json"), key=lambda p: (p.stat().st_mtime, p.name)):
         result = try_read_eval(path)
-        if result is not None and result.checkpoint_kind in KINDS:
+        if result is not None and result.checkpoint_kind in KINDS + EMA_KINDS:
             out.setdefault(result.checkpoint_kind, []).append((path.name, result))
     return out
 
@@ -82,6 +83,7 @@ def load_run(run: Path, runs: list[Path]) -> dict[str, Any]:
     records = read_metrics(run / "metrics.jsonl")
     evals = {kind: merge_evals(res) for kind, res in read_evals(run).items()}
     epochs = {"best": records[-1].best_epoch if records else None, "last": records[-1].epoch if records else None}
+    epochs.update({"best-ema": records[-1].best_ema_epoch if records else None, "last-ema": epochs["last"]})
     for kind, other in (("last", "best"), ("best", "last")):  # one epoch, one set of weights: one eval for both
         if kind not in evals and other in evals and epochs[kind] is not None and evals[other]["epoch"] == epochs[kind]:
             evals[kind] = dict(evals[other], same_as=other)
@@ -175,7 +177,7 @@ class ReportConfig:
 
     runs: list[str] = setting(factory=list, help="run directories (their eval-*.json files are read)")
     out: str = setting("report", "folder for report.md/.csv/.json and curves.png")
-    checkpoints: str = setting("best,last", "best, last or best,last")
+    checkpoints: str = setting("best,last", "best, last or best,last (also best-ema, last-ema: the EMA weights)")
     eval_missing: bool = setting(False, "run `iat eval` first where a checkpoint has none")
     attacks: str = setting("natural,fgsm,pgd20,cw", "attacks for --eval-missing")
     n_examples: Optional[int] = setting(None, "for --eval-missing: first N test examples (default: all)")
@@ -211,8 +213,9 @@ def write_report(cfg: ReportConfig) -> list[Path]:
         if not (p / "config.json").is_file():
             raise UsageError(f"{p} is not an iat run directory (no config.json)")
     kinds = tuple(k.strip() for k in cfg.checkpoints.split(",") if k.strip())
-    if not kinds or set(kinds) - set(KINDS):
-        raise UsageError(f"--checkpoints takes best, last or best,last; got {cfg.checkpoints!r}")
+    if not kinds or set(kinds) - set(KINDS + EMA_KINDS):
+        raise UsageError(f"--checkpoints takes best, last, best-ema or last-ema, comma-separated; got "
+                         f"{cfg.checkpoints!r}")
     if cfg.plots:
         require_matplotlib()
     from ..training.run_dir import check_writable

@@ -64,7 +64,7 @@ class Board:
             return
         scalars = {f"train/{k}": v for k, v in line.train.items()}
         scalars.update({"val/natural": line.val_natural, "val/robust": line.val_robust, "val/fgsm": line.val_fgsm,
-                        "lr": line.lr})
+                        "lr": line.lr, "val/natural_ema": line.val_natural_ema, "val/robust_ema": line.val_robust_ema})
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, float(value), global_step)

@@ -2,7 +2,8 @@
 
 A run directory holds config.json (the resolved config, a RunRecord), metrics.jsonl (one MetricLine per
 epoch) and checkpoints/{last,best}.safetensors. `last` is the full training state (resumable); `best` holds the
-weights with the highest robust accuracy on the held-out validation split.
+weights with the highest robust accuracy on the held-out validation split. With optim.ema_decay > 0, best-ema and
+last-ema hold EMA weights (training/ema.py).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..evaluation.loading import model_spec_for
 from ..evaluation.sanity import check_class_coverage
 from ..models import create_model
 from ..records import MetricLine, RunRecord, append_metric, first_difference, read_metrics, write_metrics, write_run
-from . import distributed, layout, speed
+from . import distributed, ema, layout, speed
 from .board import Board
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import resolve_device, rng_state, seed_everything, set_rng_state
@@ -43,6 +44,8 @@ class Progress:
     global_step: int = 0
     best_robust: float = -1.0
     best_epoch: int = -1
+    best_ema_robust: float = -1.0
+    best_ema_epoch: int = -1
     elapsed: float = 0.0        # training seconds so far, across resumes
     history: list = field(default_factory=list)
     epoch_sums: dict = field(default_factory=dict)  # metric sums over the current epoch's batches so far
@@ -71,6 +74,7 @@ class Trainer:
         self.method = build_method(cfg)
         o = cfg.optim
         self.optimizer = make_optimizer(o, self.model)
+        self.ema = ema.WeightEMA(self.model, o.ema_decay) if o.ema_decay else None
         self.scaler = speed.grad_scaler(self.device, cfg.speed.amp)
         total = self.total_steps = o.epochs * len(self.loader)
         self.warmup_steps = int(o.eps_warmup * total)
@@ -110,7 +114,7 @@ class Trainer:
         return {"kind": "train-state", "resolved": self.record().to_dict(), "model_spec": self.spec,
                 "model": self.model.state_dict(), "method_state": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(), "ema": self.ema and self.ema.state_dict(),
                 "progress": {**vars(p), "epoch_sums": distributed.rank_mean(p.epoch_sums)}}
 
     def save(self) -> None:
@@ -120,14 +124,17 @@ class Trainer:
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints" / "last.safetensors", state)
         distributed.barrier()
+        if self.ema:
+            self.save_best("last-ema", self.ema.module.state_dict())
 
-    def save_best(self) -> None:
+    def save_best(self, name: str = "best", weights: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Weights only (the model's, or `weights`: the EMA's) as checkpoints/NAME.safetensors."""
         self._check_weights()
         if self.dist.is_main:
-            save_checkpoint(self.out / "checkpoints" / "best.safetensors", {
+            save_checkpoint(self.out / "checkpoints" / f"{name}.safetensors", {
                 "kind": "model", "resolved": self.record().to_dict(), "model_spec": self.spec,
-                "model": self.model.state_dict(), "method_state": self.method.state_dict(),
-                "progress": vars(self.progress).copy()})
+                "model": self.model.state_dict() if weights is None else weights,
+                "method_state": self.method.state_dict(), "progress": vars(self.progress).copy()})
         distributed.barrier()
 
     def resume(self) -> None:
@@ -147,6 +154,8 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
+            if self.ema:
+                self.ema.load_state_dict(state["ema"])
             progress = Progress(**state["progress"])
             set_rng_state(state["rng"])
         except UsageError:
@@ -250,6 +259,8 @@ class Trainer:
         loss, metrics = optimizer_step(StepParts(self.method, self.model, self.train_model, self.optimizer, self.scaler,
                                                  self.cfg.speed, self.cfg.optim.grad_clip, self.device), x, y)
         self.scheduler.step()
+        if self.ema:
+            self.ema.update(self.model)
         return loss, metrics
 
     def _check_weights(self) -> None:
@@ -289,7 +300,7 @@ class Trainer:
             self.save_best()
         line = MetricLine(epoch=epoch + 1, lr=self.optimizer.param_groups[0]["lr"], train=train_metrics,
                           val_natural=acc["natural"], val_robust=acc["robust"], val_examples=n_val,
-                          epoch_seconds=train_time, best_epoch=p.best_epoch, **co,
+                          epoch_seconds=train_time, best_epoch=p.best_epoch, **co, **ema.end_epoch(self, n_val),
                           images_per_second=len(self.loader) * self.cfg.optim.batch_size / max(train_time, 1e-9))
         p.history.append({"epoch": epoch + 1, "val_natural": acc["natural"], "val_robust": acc["robust"],
                           "val_fgsm": line.val_fgsm})
@@ -302,5 +313,5 @@ class Trainer:
     def summary_line(self, r: MetricLine) -> str:
         train = " ".join(f"{k} {v:.3f}" for k, v in r.train.items())
         return (f"epoch {r.epoch}/{self.cfg.optim.epochs}  {train}  val natural {r.val_natural:.2%}  "
-                f"val {self.cfg.val.attack}-{self.cfg.val.steps} {r.val_robust:.2%}  "
+                f"val {self.cfg.val.attack}-{self.cfg.val.steps} {r.val_robust:.2%}  {ema.summary(r)}"
                 f"({r.epoch_seconds:.0f}s, {r.images_per_second:.0f} img/s)")

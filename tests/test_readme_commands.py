@@ -32,6 +32,9 @@ COMMANDS = {
     "iat train --help": ["train --help"],
     "iat train --method iat --dataset mnist --model cnn --out runs/x --tensorboard":
         [f"train --method iat --out runs/tb --tensorboard -O steps_inv=1 {TINY}"],
+    "iat train --method iat --dataset mnist --model cnn --out runs/ema --ema-decay 0.999":
+        [f"train --method iat --out runs/ema --ema-decay 0.999 -O steps_inv=1 {TINY}"],
+    "iat eval runs/ema --checkpoint best-ema": [f"eval runs/ema --checkpoint best-ema {FEW}"],
     "iat train --config configs/cifar10-resnet18-iat.toml --data-dir data --out runs/c10-r18-iat":
         [f"train --config {ROOT}/configs/cifar10-resnet18-iat.toml --out runs/c10-r18-iat -O steps_inv=1 {TINY}"],
     "iat eval runs/c10-r18-iat --attacks natural,fgsm,pgd20,cw": [f"eval runs/c10-r18-iat --attacks natural,fgsm,pgd20,cw {FEW}"],

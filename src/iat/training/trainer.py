@@ -27,7 +27,7 @@ from ..evaluation.loading import model_spec_for
 from ..evaluation.sanity import check_class_coverage
 from ..models import create_model
 from ..records import MetricLine, RunRecord, append_metric, first_difference, read_metrics, write_metrics, write_run
-from . import distributed, ema, layout, speed
+from . import distributed, ema, guards, layout, speed
 from .board import Board
 from .checkpoint import load_checkpoint, save_checkpoint
 from .device import resolve_device, rng_state, seed_everything, set_rng_state
@@ -119,7 +119,7 @@ class Trainer:
 
     def save(self) -> None:
         """Every rank calls this (the epoch sums are averaged over ranks); rank 0 writes, the others wait."""
-        self._check_weights()
+        guards.check_weights(self)
         state = self.state()
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints" / "last.safetensors", state)
@@ -129,7 +129,7 @@ class Trainer:
 
     def save_best(self, name: str = "best", weights: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Weights only (the model's, or `weights`: the EMA's) as checkpoints/NAME.safetensors."""
-        self._check_weights()
+        guards.check_weights(self)
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints" / f"{name}.safetensors", {
                 "kind": "model", "resolved": self.record().to_dict(), "model_spec": self.spec,
@@ -242,13 +242,13 @@ class Trainer:
             self.board.step(p.global_step, metrics)
             bar.update(1)
             if p.step % 20 == 0 or p.step == len(self.loader):
-                self._check_finite(bad_step, epoch)
+                guards.check_finite(self, bad_step, epoch)
                 bar.set_postfix({k: f"{float(v) / p.step:.3f}" for k, v in sums.items()})
             if cfg.checkpoint_every_steps and p.step % cfg.checkpoint_every_steps == 0 and p.step < len(self.loader):
-                self._check_finite(bad_step, epoch)
+                guards.check_finite(self, bad_step, epoch)
                 self.save()
         bar.close()
-        self._check_finite(bad_step, epoch)
+        guards.check_finite(self, bad_step, epoch)
         return {k: float(v) / max(p.step, 1) for k, v in distributed.rank_mean(sums).items()}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -262,30 +262,6 @@ class Trainer:
         if self.ema:
             self.ema.update(self.model)
         return loss, metrics
-
-    def _check_weights(self) -> None:
-        """A step with a finite loss can still leave inf/NaN weights (a huge lr); never checkpoint those."""
-        tensors = [w for w in self.model.state_dict().values() if w.is_floating_point()]
-        if bool(torch.stack([torch.isfinite(w).all() for w in tensors]).all()):
-            return
-        p = self.progress
-        where = f"epoch {p.epoch + 1}, step {p.step}" if p.step else f"the end of epoch {p.epoch}"
-        raise UsageError(f"non-finite weights at {where}; training stopped, {self._kept()} (try a lower learning rate)")
-
-    def _check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
-        if self.dist.enabled:  # the first bad step of any rank, so that every rank stops together
-            never = torch.iinfo(torch.long).max
-            first = distributed.all_reduce_(torch.where(bad_step < 0, never, bad_step), "min")
-            bad_step = torch.where(first == never, -1, first)
-        step = int(bad_step)
-        if step >= 0:
-            raise UsageError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}; training stopped, {self._kept()} "
-                             "(try a lower learning rate)")
-
-    def _kept(self) -> str:
-        last = self.out / "checkpoints" / "last.safetensors"
-        return (f"the last good checkpoint is kept in {last}" if last.exists()
-                else "no checkpoint had been written yet (--checkpoint-every N saves within an epoch)")
 
     def end_epoch(self, epoch: int, train_metrics: dict[str, float], train_time: float) -> MetricLine:
         p = self.progress

@@ -59,7 +59,7 @@ class EvalConfig:
     sweep_n_examples: Optional[int] = setting(None, "first N test examples of the eps sweep (default: "
                                               f"--n-examples if given, else at most {SWEEP_N_DEFAULT})")
     overwrite: bool = setting(False, "replace an existing results file that holds an evaluation with other "
-                              "attacks, examples, threat model, mode or checkpoint (the same evaluation is "
+                              "attacks, examples, threat model, mode or checkpoint epoch (the same evaluation is "
                               "always replaced)")
     progress: bool = setting(True, "progress bars")
 

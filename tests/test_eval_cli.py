@@ -139,7 +139,7 @@ def test_report_merges_evals_with_exact_worst_case(runs, tmp_path, capsys):
     run = runs["standard"]
     for attacks, name in (("natural,fgsm", "eval-best.json"), ("pgd20", "eval-best-pgd.json")):
         assert main(["eval", str(run), "--attacks", attacks, "--eps", "16/255", "--n-examples", "24",
-                     "--out", str(run / name), "--no-progress"]) == 0
+                     "--out", str(run / name), "--no-progress", "--overwrite"]) == 0  # the fixture's earlier eval
     assert main(["report", str(run), "--out", str(tmp_path / "rep"), "--checkpoints", "best", "--no-plots"]) == 0
     row = json.loads((tmp_path / "rep" / "report.json").read_text())["rows"][0]
     evals = [json.loads((run / n).read_text()) for n in ("eval-best.json", "eval-best-pgd.json")]

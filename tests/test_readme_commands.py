@@ -42,9 +42,10 @@ COMMANDS = {
     "--data-dir data --out runs/c10-r18-iat":
         ["torchrun " f"train --config {ROOT}/configs/cifar10-resnet18-iat.toml --sync-bn --out runs/ddp -O steps_inv=1 "
          f"{TINY.replace('--model cnn', '--model cnn4')}"],
-    "iat eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --n-examples 1000":
-        [f"eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --out runs/x/eval-best-all.json {FEW}"],
-    "iat eval runs/x --eps-sweep auto": [f"eval runs/x --eps-sweep auto --out runs/x/eval-best-sweep.json {FEW}"],
+    "iat eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --n-examples 1000 --out runs/x/eval-aa.json":
+        [f"eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --out runs/x/eval-aa.json {FEW}"],
+    "iat eval runs/x --eps-sweep auto --out runs/x/eval-sweep.json":
+        [f"eval runs/x --eps-sweep auto --out runs/x/eval-sweep.json {FEW}"],
     "iat report runs/a runs/b --out report": ["report runs/x runs/c10-r18-iat --out report --no-progress"],
     "iat reproduce --list": ["reproduce --list"],
     "iat reproduce c1c2-cifar10-jpeg --jobs 2": ["reproduce c1c2-cifar10-jpeg --jobs 2 --dry-run --out tables/a"],

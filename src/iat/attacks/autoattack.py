@@ -9,7 +9,10 @@ at least 4 classes.
 The package is an optional extra, imported on first use: pip install "iat[autoattack]".
 Its own checks (randomised or dynamic defence, probabilities instead of logits, Square succeeding where
 the gradient attacks failed, zero gradients) are logged as warnings; the adapter keeps them, and how
-many points each component broke, in `diagnostics()` for the results file.
+many points each component broke, in `diagnostics()` for the results file. The package's warnings end
+with "See flags_doc.md for details.", a file that is not shipped with it; the adapter keeps each
+warning's text and replaces that pointer with what the flag means (`explain_flag`). While it runs, the
+component AutoAttack is on is passed to the evaluation's progress bar (`progress=`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import logging
 import re
 from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -32,7 +35,20 @@ INSTALL_HINT = 'pip install "iat[autoattack]"'
 PACKAGE = "pyautoattack"
 VERSIONS = ("standard", "plus")
 _AA_NORM = {"linf": "Linf", "l2": "L2"}
-_PERTURBED = re.compile(r"^([\w-]+) - \d+/\d+ - (\d+) out of (\d+) successfully perturbed")
+_PERTURBED = re.compile(r"^([\w-]+) - (\d+)/(\d+) - (\d+) out of (\d+) successfully perturbed")
+_RUNNING = re.compile(r"^running ([\w-]+)$")
+_DEAD_LINK = re.compile(r"\s*See \S*flags_doc\.md for details\.?")
+_MEANING = (  # (words of the package's message, what it means here)
+    ("randomized defense", "the model's outputs differ between identical calls in eval mode (dropout or noise at "
+     "test time?); a randomised model needs AutoAttack's 'rand' version, so these numbers are not reliable"),
+    ("probability distribution", "the model seems to return probabilities; every iat model must return logits"),
+    ("zero gradient", "gradient attacks get nothing to follow at those points (gradient masking, e.g. a "
+     "saturated softmax); see the zero_gradients sanity check"),
+    ("Square Attack", "the gradient-free Square attack broke points the gradient attacks missed, a sign of "
+     "gradient masking: report the AutoAttack worst case, not PGD"),
+    ("dynamic defense", "the forward pass itself computes gradients (test-time optimisation); AutoAttack alone "
+     "may not be an adequate evaluation"),
+)
 
 
 def require_autoattack() -> Any:
@@ -42,20 +58,44 @@ def require_autoattack() -> Any:
     return importlib.import_module(PACKAGE)
 
 
+def explain_flag(text: str) -> str:
+    """AutoAttack's warning with its pointer to the missing flags_doc.md replaced by what the flag means."""
+    meaning = next((m for words, m in _MEANING if words.lower() in text.lower()), None)
+    if not _DEAD_LINK.search(text) and meaning is None:
+        return text
+    text = _DEAD_LINK.sub("", text).rstrip()
+    return f"{text} ({meaning or 'a check of AutoAttack itself, Croce & Hein 2020'})"
+
+
 class _Collect(logging.Handler):
-    def __init__(self) -> None:
+    """Keeps every record; tells `progress` (if any) which component runs and what each batch of it broke."""
+
+    def __init__(self, progress: Optional[Callable[[str], None]] = None, components: tuple[str, ...] = ()) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.progress, self.components = progress, components
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+        if self.progress is None:
+            return
+        text = record.getMessage()
+        running, done = _RUNNING.match(text), _PERTURBED.match(text)
+        if running:
+            name = running.group(1)
+            at = self.components.index(name) + 1 if name in self.components else "?"
+            self.progress(f"{name} ({at}/{len(self.components)})")
+        elif done:
+            name, b, nb, broke, of = done.groups()
+            self.progress(f"{name} batch {b}/{nb} broke {broke} of {of}")
 
 
 @contextmanager
-def _captured_log() -> Iterator[_Collect]:
+def _captured_log(progress: Optional[Callable[[str], None]] = None,
+                  components: tuple[str, ...] = ()) -> Iterator[_Collect]:
     """Route the 'auto-attack' logger into a list for the duration (not to stderr), then restore it."""
     logger = logging.getLogger("auto-attack")
-    handler, level, propagate = _Collect(), logger.level, logger.propagate
+    handler, level, propagate = _Collect(progress, components), logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
@@ -74,7 +114,10 @@ class AutoAttack:
     eps: radius in pixel units (8/255). norm: "linf" | "l2". version: "standard" (APGD-CE, APGD-T,
     FAB-T, Square) | "plus". seed: used when no generator is passed; with a generator the seed is drawn
     from it, so one evaluation seed fixes every attack. The caller's global RNG state is restored after.
+    A call's `progress` (optional) is given a short text each time a component starts or ends a batch.
     """
+
+    reports_progress = True  # the evaluation passes progress= (accuracy.robust_accuracy)
 
     def __init__(self, eps: float = 8 / 255, norm: str = "linf", version: str = "standard", seed: int = 0) -> None:
         if norm not in NORMS:
@@ -89,13 +132,15 @@ class AutoAttack:
         self.seeds: list[int] = []
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 progress: Optional[Callable[[str], None]] = None) -> torch.Tensor:
         """Return x_adv (x itself where no attack succeeded); never modifies x, y or the model's state."""
         package = require_autoattack()
         seed = self.seed if generator is None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         self.seeds.append(seed)
         devices = [x.device] if x.device.type == "cuda" else []
-        with crafting_mode(model, "keep"), _captured_log() as log, torch.random.fork_rng(devices=devices):
+        log_to = _captured_log(progress, tuple(self.components()))
+        with crafting_mode(model, "keep"), log_to as log, torch.random.fork_rng(devices=devices):
             num_classes = int(model(x[:1]).shape[1])
             if num_classes < 4:
                 raise UsageError(f"autoattack needs at least 4 classes (targeted DLR loss), the model has {num_classes}")
@@ -110,11 +155,11 @@ class AutoAttack:
     def _record(self, records: list[logging.LogRecord]) -> None:
         for record in records:
             text = record.getMessage()
-            if record.levelno >= logging.WARNING and text not in self.flags:
-                self.flags.append(text)
+            if record.levelno >= logging.WARNING and explain_flag(text) not in self.flags:
+                self.flags.append(explain_flag(text))
             match = _PERTURBED.match(text)
             if match:
-                self.broken_by[match.group(1)] += int(match.group(2))
+                self.broken_by[match.group(1)] += int(match.group(4))
 
     def components(self) -> list[str]:
         return {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],

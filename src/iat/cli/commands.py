@@ -108,8 +108,9 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluation.pipeline import EvalConfig, default_out, evaluate_checkpoint
-    from ..reporting.eval_tables import fmt_eps, format_checks, format_table, write_eval_files
+    from ..evaluation.pipeline import EvalConfig, default_out, evaluate_prepared, identity, prepare_checkpoint
+    from ..evaluation.replace import check_replace
+    from ..reporting.eval_tables import fmt_eps, format_checks, format_sweep, format_table, write_eval_files
 
     cfg = build(EvalConfig, args, DESTS["eval"])
     cfg.progress = not args.no_progress
@@ -120,7 +121,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_writable(out.parent)  # before the evaluation, not after it
     with run_lock(out):  # a second eval writing the same results is refused before it attacks anything
-        result = evaluate_checkpoint(args.target, cfg)
+        prepared = prepare_checkpoint(args.target, cfg)
+        check_replace(out, identity(prepared, cfg), cfg.overwrite)
+        result = evaluate_prepared(prepared, cfg)
         written = write_eval_files(result, out)
     print(f"{result.checkpoint} (epoch {result.checkpoint_epoch}) on {result.data['source']}, "
           f"test split, {result.data['n_examples']} examples, seed {cfg.seed}, mode {result.mode},")
@@ -128,6 +131,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                                           "the run's training threat model")
     print(f"threat model {result.threat['norm']} eps {fmt_eps(result.threat['eps'])} ({source}):")
     print(format_table(result.results))
+    if result.eps_sweep:
+        print()
+        print(format_sweep(result.eps_sweep))
     print()
     print(format_checks(result.sanity))
     print(f"results: {', '.join(map(str, written))}  ({result.seconds:.0f}s)")

@@ -11,7 +11,12 @@
 Either way an example counts as robust only if the model, re-run by us on the returned input, still
 predicts its label, and every returned example is verified (inside the ball, inside [0, 1], finite)
 before it counts: an attack that leaves its threat model is a bug, never a success. Accuracy is a count
-over examples, never a mean over batches. Attacks are called as `attack(model, x, y, generator=g)`.
+over examples, never a mean over batches. Attacks are called as `attack(model, x, y, generator=g)`;
+one that sets `reports_progress` also gets `progress=`, a callable taking a short text (AutoAttack
+names the component it is running), shown next to the progress bar.
+
+The progress bar counts (batch, attack) pairs, so it moves after every attack of every batch and its
+ETA is for the whole evaluation.
 """
 from __future__ import annotations
 
@@ -125,36 +130,60 @@ def robust_accuracy(
     was_training = model.training
     model.eval()
     natural, outcomes, attacked = [], [], {name: 0 for name in attacks}
+    starts = range(0, len(x_all), batch_size)
+    bar = tqdm(total=len(starts) * len(attacks), desc=desc, disable=not progress, leave=False, unit="attack")
     try:
-        for start in tqdm(range(0, len(x_all), batch_size), desc=desc, disable=not progress, leave=False):
+        for b, start in enumerate(starts):
             x = _as_float(x_all[start : start + batch_size].to(device))
             y = y_all[start : start + batch_size].to(device)
-            nat, out = _batch(model, x, y, attacks, attacked, worst_case_only, generator)
+            step = _Step(bar, f"batch {b + 1}/{len(starts)}")
+            nat, out = _batch(model, x, y, attacks, attacked, worst_case_only, generator, step)
             natural.append(nat)
             outcomes.append(out)
     finally:
+        bar.close()
         model.train(was_training)
     return aggregate(natural, outcomes, attacked=attacked, mode=MODES[int(worst_case_only)])
 
 
+class _Step:
+    """The progress bar's view of one batch: names the attack (and what it says of itself), then advances."""
+
+    def __init__(self, bar: Any, batch: str) -> None:
+        self.bar, self.batch, self.name = bar, batch, ""
+
+    def start(self, name: str) -> None:
+        self.name = name
+        self.bar.set_postfix_str(f"{self.batch} {name}")
+
+    def note(self, text: str) -> None:
+        self.bar.set_postfix_str(f"{self.batch} {self.name}: {text}")
+
+    def done(self) -> None:
+        self.bar.update(1)
+
+
 def _batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Any],
-           attacked: dict[str, int], cumulative: bool,
-           generator: Optional[torch.Generator]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+           attacked: dict[str, int], cumulative: bool, generator: Optional[torch.Generator],
+           step: _Step) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     with torch.no_grad():
         natural_ok = model(x).argmax(1) == y
     alive = natural_ok.clone()
     out = {}
     for name, attack in attacks.items():
+        step.start(name)
         ok = (natural_ok if not cumulative or isinstance(attack, Natural) else alive).clone()
         idx = ok.nonzero().squeeze(1)
         if len(idx) and not isinstance(attack, Natural):
-            x_adv = attack(model, x[idx], y[idx], generator=generator)
+            extra = {"progress": step.note} if getattr(attack, "reports_progress", False) else {}
+            x_adv = attack(model, x[idx], y[idx], generator=generator, **extra)
             verify_adversarial(name, attack, x[idx], x_adv)
             with torch.no_grad():
                 ok[idx] = model(x_adv).argmax(1) == y[idx]
             attacked[name] += len(idx)
         out[name] = ok.cpu()
         alive &= ok
+        step.done()
     return natural_ok.cpu(), out
 
 

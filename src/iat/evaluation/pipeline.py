@@ -30,6 +30,9 @@ from .sanity import check_class_coverage, run_checks
 from .sweep import check_eps_sweep, default_sweep, eps_sweep
 
 
+SWEEP_N_DEFAULT = 1000  # a bare --eps-sweep (8 PGD-20 points) on 10,000 examples takes over an hour on a CPU
+
+
 @dataclasses.dataclass
 class EvalConfig:
     """What `iat eval` runs; saved, resolved, in every results file (flags are generated from these)."""
@@ -55,6 +58,11 @@ class EvalConfig:
     eps_sweep: Optional[str] = setting(None, "also draw accuracy against eps: EPS,EPS,... or auto (0 .. 4 eps "
                                        "and the full range)")
     sweep_attack: str = setting("pgd20", "attack of the eps sweep", choices="attacks")
+    sweep_n_examples: Optional[int] = setting(None, "first N test examples of the eps sweep (default: "
+                                              f"--n-examples if given, else at most {SWEEP_N_DEFAULT})")
+    overwrite: bool = setting(False, "replace an existing results file that holds an evaluation with other "
+                              "attacks, examples, threat model, mode or checkpoint epoch (the same evaluation is "
+                              "always replaced)")
     progress: bool = setting(True, "progress bars")
 
 
@@ -145,8 +153,37 @@ def check_fits(path: Path, spec: dict[str, Any], bundle: Any) -> None:
                              "the data set it was trained on (--dataset)")
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A loaded checkpoint and everything that says which evaluation will run, before any attack runs."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    y_split: torch.Tensor
+    threat: ThreatModel
+    about: dict[str, Any]
+    num_classes: Optional[int]
+    attacks: list[str]  # the result rows' names, natural first
+
+
 def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
     """Load, attack, check; return the record that reporting.eval_tables.write_eval_files saves."""
+    return evaluate_prepared(prepare_checkpoint(target, cfg), cfg)
+
+
+def identity(p: Prepared, cfg: EvalConfig) -> dict[str, Any]:
+    """What makes two evaluations the same one (replace.check_replace compares it with a results file)."""
+    return {"attacks": p.attacks, "n_examples": len(p.x), "threat": {"eps": p.threat.eps, "norm": p.threat.norm},
+            "mode": "cumulative" if cfg.worst_case_only else "each", "checkpoint_epoch": p.about["checkpoint_epoch"]}
+
+
+def evaluate_prepared(p: Prepared, cfg: EvalConfig) -> EvalRecord:
+    return evaluate_examples(p.model, p.x, p.y, p.threat, cfg, p.about, y_split=p.y_split, num_classes=p.num_classes)
+
+
+def prepare_checkpoint(target: str, cfg: EvalConfig) -> Prepared:
+    """Load the checkpoint and its data and resolve the threat model and the examples (no attack runs)."""
     is_run = Path(target).is_dir()
     path = checkpoint_path(target, cfg.checkpoint)
     device = resolve_device(cfg.device)
@@ -161,8 +198,8 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
              "data": {"name": bundle.name, "source": bundle.source, "split": "test", "n_examples": n},
              "model": loaded["model"], "method": loaded["method"], "train_threat": train_threat.describe(),
              "config": dataclasses.asdict(cfg), "device": str(device)}
-    return evaluate_examples(model, test.x[:n], test.y[:n], threat, cfg, about, y_split=test.y,
-                             num_classes=(loaded["model"] or {}).get("num_classes"))
+    return Prepared(model, test.x[:n], test.y[:n], test.y, threat, about, (loaded["model"] or {}).get("num_classes"),
+                    list(build_attacks(cfg.attacks, threat, cfg.restarts)))
 
 
 def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, cfg: EvalConfig,
@@ -177,6 +214,7 @@ def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         require_matplotlib()
     numel = math.prod(x.shape[1:])
     sweep_eps = sweep_values(cfg.eps_sweep, threat, numel) if cfg.eps_sweep else None
+    m = sweep_size(cfg, len(x)) if cfg.eps_sweep else 0  # checked before the first attack runs
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     acc = robust_accuracy(model, x, y, attacks, batch_size=cfg.batch_size, progress=cfg.progress, desc="eval",
@@ -185,16 +223,28 @@ def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     checks.append(check_class_coverage(y, y_split, about["data"]["split"], num_classes).to_dict())
     sweep = None
     if sweep_eps:
-        points = eps_sweep(model, x, y, sweep_eps, attack=cfg.sweep_attack, norm=threat.norm,
+        points = eps_sweep(model, x[:m], y[:m], sweep_eps, attack=cfg.sweep_attack, norm=threat.norm,
                            batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
-        checks += [c.to_dict() for c in check_eps_sweep(points, acc.natural, threat.norm, numel)]
-        sweep = {"attack": cfg.sweep_attack, "norm": threat.norm, "points": points}
+        natural = int(acc.natural_ok[:m].sum())
+        checks += [c.to_dict() for c in check_eps_sweep(points, natural, threat.norm, numel)]
+        sweep = {"attack": cfg.sweep_attack, "norm": threat.norm, "n_examples": m, "points": points}
     return EvalRecord(
         **about, threat={"eps": threat.eps, "norm": threat.norm}, seed=cfg.seed, mode=acc.mode,
         torch=torch.__version__, seconds=time.perf_counter() - t0,
         results=_rows(acc, attacks), sanity=checks, eps_sweep=sweep,
         diagnostics={k: a.diagnostics() for k, a in attacks.items() if hasattr(a, "diagnostics")},
         per_example={k: pack_flags(v) for k, v in acc.per_example.items()})
+
+
+def sweep_size(cfg: EvalConfig, n: int) -> int:
+    """Examples of the eps sweep: --sweep-n-examples, else all n when --n-examples was given, else at most
+    SWEEP_N_DEFAULT (the first ones, so the sweep's eps 0 is the main table's natural accuracy on them)."""
+    if cfg.sweep_n_examples is not None:
+        if not 0 < cfg.sweep_n_examples <= n:
+            raise UsageError(f"--sweep-n-examples must be between 1 and {n} (the examples evaluated), "
+                             f"got {cfg.sweep_n_examples}")
+        return cfg.sweep_n_examples
+    return n if cfg.n_examples is not None else min(n, SWEEP_N_DEFAULT)
 
 
 def _rows(acc: Any, attacks: dict[str, Any]) -> list[dict[str, Any]]:

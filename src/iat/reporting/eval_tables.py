@@ -49,6 +49,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                       sep=["", "  ", "  "], rule_extra=40)
 
 
+def format_sweep(sweep: Mapping[str, Any]) -> str:
+    """Terminal table of an eps sweep: eps, accuracy, correct/n."""
+    points = sweep["points"]
+    head = (f"accuracy against eps ({sweep['attack']}, {sweep['norm']}, first {points[0]['total']} "
+            "test examples):")
+    cells = [[fmt_eps(p["eps"]), f"{p['accuracy']:.2%}", f"{p['correct']}/{p['total']}"] for p in points]
+    return head + "\n" + text_table(["eps", "accuracy", "correct"], cells, widths=[8, 9, 11], align="rrr")
+
+
 def format_checks(checks: list[Mapping[str, Any]]) -> str:
     return "\n".join(f"{c['status'].upper():<5} {c['name']}: {c['message']}" for c in checks)
 
@@ -86,7 +95,8 @@ def to_markdown(result: EvalRecord) -> str:
     if sweep:
         points = [[fmt_eps(p["eps"]), f"{p['accuracy']:.2%}", f"{p['correct']} / {p['total']}"]
                   for p in sweep["points"]]
-        lines += ["", f"## Accuracy against eps ({sweep['attack']}, {sweep['norm']})", "",
+        lines += ["", f"## Accuracy against eps ({sweep['attack']}, {sweep['norm']}, first "
+                  f"{sweep['points'][0]['total']} examples)", "",
                   *markdown_table(["eps", "accuracy", "correct / n"], points, align="rrr")]
         if sweep.get("plot"):
             lines += ["", f"![accuracy against eps]({sweep['plot_name']})"]
@@ -127,7 +137,7 @@ def write_eval_files(result: EvalRecord, out: Path) -> list[Path]:
 
         sweep, t = result.eps_sweep, result.threat
         title = (f"{sweep['attack']} ({sweep['norm']}) on {result.data['name']}, "
-                 f"{result.data['n_examples']} test examples, seed {result.seed}")
+                 f"{sweep['points'][0]['total']} test examples, seed {result.seed}")
         written.append(plot_eps_sweep(sweep["points"], paths["png"], title=title, train_eps=t["eps"]))
         sweep["plot"], sweep["plot_name"] = str(paths["png"]), paths["png"].name
     write_eval(paths["json"], result)

@@ -51,8 +51,8 @@ def test_the_option_sweep_draws_means_seeds_and_the_reference(figures):
               "by_checkpoint": {"last": {"autoattack": {"line": line, "reference": {0: 69.0, 1: 70.0}}}}}
     plots.plot_option_sweep(points, "z.png")
     ax = figures[0].axes[0]
-    assert _legend(figures[0]) == ["autoattack: mean of 2 seeds", "autoattack: one seed",
-                                   "pgd-at autoattack (band: seed range)"]
+    assert _legend(figures[0]) == ["last: mean of 2 seeds", "last: one seed", "pgd-at last (band: seed range)"]
     mean_line = ax.get_lines()[0]
     assert list(mean_line.get_ydata()) == [71.0, 73.0] and ax.get_xlabel() == "eps_inv"
+    assert ax.get_title() == "autoattack"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.1"]

@@ -139,37 +139,38 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[MetricLine]]], pa
 
 
 def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, title: str = "") -> Path:
-    """Test accuracy (%) against one setting (a table's `[[sweeps]]` entry), one panel per checkpoint:
-    per column a line through the means over seeds and a dot per seed; the reference cell as a dashed line
-    at its mean with its range over seeds as a band."""
+    """Test accuracy (%) against one setting (a table's `[[sweeps]]` entry), one panel per column: per
+    checkpoint kind a line through the means over seeds and a dot per seed; the reference cell as a dashed
+    line at its mean with its range over seeds as a band."""
     kinds = list(points["by_checkpoint"])
-    fig, axes = _figure(len(kinds), width=4.6, height=3.8)
+    columns = list(points["by_checkpoint"][kinds[0]]) if kinds else []
+    fig, axes = _figure(max(1, len(columns)), width=4.6, height=3.8)
     option = points["option"].rsplit(".", 1)[-1]
-    for ax, kind in zip(axes, kinds):
-        for i, (column, data) in enumerate(points["by_checkpoint"][kind].items()):
+    for ax, column in zip(axes, columns):
+        ticks = set()
+        for i, kind in enumerate(kinds):
+            data = points["by_checkpoint"][kind][column]
             line = [p for p in data["line"] if p["seeds"]]
-            if not line:
-                continue
-            n = max(len(p["seeds"]) for p in line)
-            xs = [p["x"] for p in line]
-            means = [sum(p["seeds"].values()) / len(p["seeds"]) for p in line]
-            ax.plot(xs, means, "o-", color=f"C{i}", label=f"{column}: mean of {n} seeds")
-            dots = [(p["x"], v) for p in line for v in p["seeds"].values()]
-            ax.plot([x for x, _ in dots], [v for _, v in dots], ".", color=f"C{i}", alpha=0.45, markersize=6,
-                    label=f"{column}: one seed" if i == 0 else None)
+            ticks |= {p["x"] for p in line}
+            if line:
+                n = max(len(p["seeds"]) for p in line)
+                means = [sum(p["seeds"].values()) / len(p["seeds"]) for p in line]
+                ax.plot([p["x"] for p in line], means, "o-" if i == 0 else "s--", color=f"C{i}",
+                        label=f"{kind}: mean of {n} seeds", markerfacecolor="none" if i else None)
+                dots = [(p["x"], v) for p in line for v in p["seeds"].values()]
+                ax.plot([x for x, _ in dots], [v for _, v in dots], ".", color=f"C{i}", alpha=0.45, markersize=6,
+                        label=f"{kind}: one seed")
             ref = list(data["reference"].values())
             if ref:
-                ax.axhline(sum(ref) / len(ref), color=f"C{i}", linestyle="--", linewidth=1,
-                           label=f"{points['reference']} {column} (band: seed range)")
-                ax.axhspan(min(ref), max(ref), color=f"C{i}", alpha=0.12, linewidth=0)
-        drawn = [p for data in points["by_checkpoint"][kind].values() for p in data["line"] if p["seeds"]]
-        ticks = sorted({p["x"] for p in drawn})
-        ax.set_xticks(ticks, [fmt_eps(t) if t else "0" for t in ticks])
+                ax.axhline(sum(ref) / len(ref), color=f"C{i}", linestyle=":", linewidth=1.2,
+                           label=f"{points['reference']} {kind} (band: seed range)")
+                ax.axhspan(min(ref), max(ref), color=f"C{i}", alpha=0.1, linewidth=0)
+        ax.set_xticks(sorted(ticks), [fmt_eps(t) if t else "0" for t in sorted(ticks)])
         ax.set_xlabel(option)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{kind} checkpoint", fontsize=10)
+        ax.set_ylabel(f"{column} accuracy (%)")
+        ax.set_title(column, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -116,9 +116,11 @@ def main() -> None:
     comparison = None
     if TAPGD is not None:
         a, b = summary["iat.PGD"], summary["torchattacks.PGD"]
+        pairs = sorted(t / o for o, t in zip(times["iat.PGD"], times["torchattacks.PGD"]))  # one per repeat
         comparison = {"speed_ratio_ours_over_theirs": a["images_per_second"] / b["images_per_second"],
+                      "pair_speed_ratios": pairs, "pair_speed_ratio_median": median(pairs),
                       "accuracy_gap_points": 100 * (a["robust_accuracy_median"] - b["robust_accuracy_median"])}
-        comparison["target_met"] = (comparison["speed_ratio_ours_over_theirs"] >= 1.0
+        comparison["target_met"] = (comparison["pair_speed_ratio_median"] >= 1.0
                                     and abs(comparison["accuracy_gap_points"]) <= 0.5)
         print(comparison)
     config = {k: v for k, v in vars(args).items() if k != "out"}

@@ -77,20 +77,31 @@ def time_steps(step: Callable[[], None], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
+def batch_and_weights(args: argparse.Namespace, model_name: str, batch_size: int) -> tuple:
+    """The seeded CIFAR-sized batch and the initial weights every entry's model starts from."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(args.batch_size, 3, 32, 32, generator=g)
-    y = torch.randint(0, args.classes, (args.batch_size,), generator=g)
-    init = new_model(args.model, args.classes).state_dict()
-    entries = (args.methods or METHODS.names()) + [v for v in VARIANTS if not args.methods]
-    steppers = {e: make_stepper(e, args, x, y, init) for e in entries}
+    x = torch.rand(batch_size, 3, 32, 32, generator=g)
+    y = torch.randint(0, args.classes, (batch_size,), generator=g)
+    return x, y, new_model(model_name, args.classes).state_dict()
+
+
+def warm_up(steppers: dict[str, Any]) -> dict[str, int]:
+    """Two steps of every entry (warm-up); returns the forward passes the second one made."""
     forwards = {}
-    for e, (step, count) in steppers.items():  # warm-up, and the forward count of one step
+    for e, (step, count) in steppers.items():
         step()
         count[0] = 0
         step()
         forwards[e] = count[0]
+    return forwards
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    x, y, init = batch_and_weights(args, args.model, args.batch_size)
+    entries = (args.methods or METHODS.names()) + [v for v in VARIANTS if not args.methods]
+    steppers = {e: make_stepper(e, args, x, y, init) for e in entries}
+    forwards = warm_up(steppers)
     order, samples = random.Random(args.seed), {e: [] for e in entries}
     for r in range(args.repeats):
         for e in order.sample(entries, len(entries)):
@@ -107,19 +118,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def measure_pairs(args: argparse.Namespace, model_name: str, batch_size: int) -> dict[str, Any]:
     """Interleaved pairs on one model and batch: per pair, fgsm-rs and the entry back to back (which one
     runs first alternates), ratio entry / fgsm-rs; every entry's model starts from the same weights."""
-    torch.manual_seed(args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.rand(batch_size, 3, 32, 32, generator=g)
-    y = torch.randint(0, args.classes, (batch_size,), generator=g)
-    init = new_model(model_name, args.classes).state_dict()
+    x, y, init = batch_and_weights(args, model_name, batch_size)
     entries = ["fgsm-rs"] + PAIRED
     steppers = {e: make_stepper(e, args, x, y, init, model_name) for e in entries}
-    forwards = {}
-    for e, (step, count) in steppers.items():  # warm-up, and the forward count of one step
-        step()
-        count[0] = 0
-        step()
-        forwards[e] = count[0]
+    forwards = warm_up(steppers)
     ratios, base_s = {e: [] for e in PAIRED}, []
     t0, load0 = time.time(), os.getloadavg()
     for r in range(args.pair_repeats):

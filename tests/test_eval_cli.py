@@ -14,14 +14,6 @@ FAST = ["--dataset", "synthetic", "--model", "cnn", "--epochs", "2", "--batch-si
         "--steps", "2", "--eps", "8/255", "--step-size", "2/255", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids thread contention that is many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -37,13 +37,6 @@ def bars(monkeypatch):
     return Bar.made
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _data(n=30):
     g = torch.Generator().manual_seed(1)

@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(1)  # one thread per test process: on 2 shared cores 2 threads made the suite ~4x slower
+# One thread per test process, and per `iat` process a test starts (they inherit the environment): on 2 shared
+# cores 2 threads made the suite ~4x slower; pytest-xdist (scripts/test.sh) runs one worker per core instead.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture

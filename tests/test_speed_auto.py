@@ -42,6 +42,7 @@ def compiled_timed(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, **{"backend": "eager", **kw}))
     monkeypatch.setattr(layout, "compile_is_timed", lambda device: True)
     monkeypatch.setattr(layout, "MIN_RUN_STEPS", 0)
+    monkeypatch.setattr(layout, "MIN_COMPILE_RUN_SECONDS", 0)
     torch._dynamo.reset()
     yield real
     torch._dynamo.reset()
@@ -133,6 +134,21 @@ def test_compile_is_not_kept_when_its_saving_does_not_pay_for_compiling(tmp_path
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("iat: speed.layout auto")]
     assert len(line) == 1 and "channels_last+compile 400.0 ms (64.0 s to compile)" in line[0]
     assert "speed.compile auto -> false" in line[0] and "compile not kept" in line[0]
+
+
+def test_a_run_too_short_to_pay_for_compiling_times_the_layouts_only(tmp_path, monkeypatch, compiled_timed):
+    monkeypatch.setattr(layout, "MIN_COMPILE_RUN_SECONDS", 2.5)  # 2 steps of the fastest eager 1.2 s: 2.4 s
+    _step_seconds(monkeypatch, {"nchw": 1.3, "channels_last": 1.2}, fail=("nchw+compile", "channels_last+compile"))
+    timed, real = [], layout.time_candidates
+    monkeypatch.setattr(layout, "time_candidates", lambda trainer, names: timed.append(names) or real(trainer, names))
+    _, saved = _fit(tmp_path)
+    about = saved["speed_auto"]
+    assert timed == [["nchw", "channels_last"]] and about["choice"] == "channels_last" and not about["dropped"]
+    assert "2 s, too short to pay for compiling" in about["compile_reason"]
+    monkeypatch.setattr(layout, "MIN_COMPILE_RUN_SECONDS", 2.3)  # long enough: the eager ones are timed again
+    timed.clear()
+    _fit(tmp_path / "long")
+    assert timed == [["nchw", "channels_last"], ALL]
 
 
 def test_the_cost_rule_compares_the_saving_over_the_steps_left_with_the_compile_seconds():
@@ -242,6 +258,16 @@ def test_iat_train_resume_of_an_old_config_json_with_compile_false(tmp_path, mon
 def test_speed_compile_parses_auto_true_and_false(text, value):
     assert C.set_path(C.TrainConfig(), "speed.compile", text).speed.compile == value
     assert C.TrainConfig().speed.compile == "auto"
+
+
+@pytest.mark.parametrize("flags,value", [(["--set", "speed.compile=auto"], "auto"), (["--set", "speed.compile=true"],
+                                          True), (["--speed-compile", "false"], False), ([], "auto")])
+def test_the_command_line_sets_speed_compile(tmp_path, flags, value):
+    from iat.cli import build_parser
+    from iat.cli.commands import train_config
+
+    cfg, _ = train_config(build_parser().parse_args(["train", *flags, "--out", str(tmp_path / "r")]))
+    assert cfg.speed.compile == value and type(cfg.speed.compile) is type(value)
 
 
 def test_a_bad_speed_compile_is_a_clear_error(tmp_path):

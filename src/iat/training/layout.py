@@ -10,13 +10,15 @@ load drifts favours none), and keeps the fastest by the median step time.
 
 The candidates are every layout the config allows (both for "auto", else the one set) in every compile
 setting it allows. compile "auto" adds the compiled candidates (each layout under torch.compile) on CUDA
-only: on a CPU it resolves to false untimed, since inductor compiles for minutes there and rarely wins. A
-compiled candidate warms up for COMPILE_WARMUP steps (compilation, and the recompiles that the attacks'
-requires_grad flips cause, happen there), and those seconds are recorded: with compile "auto" a compiled
-candidate is kept only if its saving over the rest of the run (median saving per step times the steps
-left) exceeds them, because the run's own model compiles again. A compiled candidate that raises (TorchDynamo,
-inductor, a missing compiler) is dropped and its error recorded; the run goes on without compile.
-torch._dynamo.reset() then clears the copies' compiled code, so the run's model compiles fresh.
+only: on a CPU it resolves to false untimed, since inductor compiles for minutes there and rarely wins.
+The eager candidates are timed first; the compiled ones join them only if the run would train for
+MIN_COMPILE_RUN_SECONDS at the fastest eager step. A compiled candidate warms up for COMPILE_WARMUP steps
+(compilation, and the recompiles that the attacks' requires_grad flips cause, happen there), and those
+seconds are recorded: with compile "auto" a compiled candidate is kept only if its saving over the rest of
+the run (median saving per step times the steps left) exceeds them, because the run's own model compiles
+again. A compiled candidate that raises (TorchDynamo, inductor, a missing compiler) is dropped and its
+error recorded; the run goes on without compile. torch._dynamo.reset() then clears the copies' compiled
+code, so the run's model compiles fresh (and does not meet dynamo's recompile limit).
 
 The global generators are saved and restored around the timing and the copies are discarded, so the run
 equals one with the chosen settings set explicitly. A resumed run reuses the recorded choice (from_record).
@@ -44,6 +46,8 @@ EXACT = ("nchw", "channels_last")   # the layouts "auto" chooses between
 WARMUP, TIMED = 3, 5                # steps per candidate: untimed, then timed
 COMPILE_WARMUP = 10                 # untimed steps of a compiled candidate (compiling and recompiling)
 MIN_RUN_STEPS = 20 * len(EXACT) * (WARMUP + TIMED)  # the timing costs at most 5% of a run
+MIN_COMPILE_RUN_SECONDS = 1800      # compiled candidates only for runs this long (at the fastest eager step):
+                                    # compiling one takes a minute or two, so timing two costs under ~10%
 COMPILED = "+compile"               # the suffix of a compiled candidate's name: "channels_last+compile"
 clock = time.perf_counter           # the timer (tests put in a fake one, so a choice is deterministic)
 CPU_COMPILE = ("compile auto is false untimed on {device}: inductor compiles for minutes on a CPU and rarely "
@@ -86,7 +90,7 @@ def resolve(trainer: Any) -> tuple[str, bool, dict[str, Any]]:
         return _chosen(names[0], about)
     saved = rng_state()
     try:
-        timing = time_candidates(trainer, names)
+        names, timing = _time(trainer, names, about)
     finally:
         set_rng_state(saved)
     about.update(timed=True, **_agreed(timing, names, trainer.device), warmup_steps=WARMUP,
@@ -96,6 +100,23 @@ def resolve(trainer: Any) -> tuple[str, bool, dict[str, Any]]:
         raise UsageError(f"speed.compile = true failed in every layout while timing: {about['dropped']}; set "
                          "speed.compile=false or auto")
     return _chosen(choose(about, sp.compile == "auto"), about)
+
+
+def _time(trainer: Any, names: list[str], about: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """(the names timed, their timing). With compile "auto", the eager candidates are timed first, and the
+    compiled ones join them (all timed again, interleaved) only if the run, at the fastest eager step, would
+    train for MIN_COMPILE_RUN_SECONDS: a shorter one could not pay for compiling."""
+    eager = [n for n in names if not parts(n)[1]]
+    if trainer.cfg.speed.compile != "auto" or len(eager) == len(names):
+        return names, time_candidates(trainer, names)
+    first = time_candidates(trainer, eager)
+    run_s = min(first["seconds_per_step"].values()) * _steps_left(trainer)
+    run_s = distributed.from_main({"run_s": run_s}, trainer.device)["run_s"]  # every rank decides alike
+    if run_s >= MIN_COMPILE_RUN_SECONDS:
+        return names, time_candidates(trainer, names)
+    about["compile_reason"] = (f"compile auto is false, compiled candidates untimed: the run would train for about "
+                               f"{run_s:.0f} s, too short to pay for compiling (under {MIN_COMPILE_RUN_SECONDS} s)")
+    return eager, first
 
 
 def _chosen(name: str, about: dict[str, Any]) -> tuple[str, bool, dict[str, Any]]:
@@ -228,9 +249,10 @@ def _candidate(trainer: Any, layout: str, compiled: bool) -> Callable[[], Any]:
     speed_cfg = dataclasses.replace(cfg.speed, layout=layout, compile=compiled)
     model = speed.prepare_model(copy.deepcopy(trainer.model), speed_cfg)
     model.train()
-    step = StepParts(method=copy.deepcopy(trainer.method), model=model, train_model=speed.maybe_compile(model, speed_cfg),
-                     optimizer=make_optimizer(cfg.optim, model), scaler=speed.grad_scaler(trainer.device, cfg.speed.amp),
-                     speed=speed_cfg, grad_clip=cfg.optim.grad_clip, device=trainer.device)
+    step = StepParts(method=copy.deepcopy(trainer.method), model=model,
+                     train_model=speed.maybe_compile(model, speed_cfg), optimizer=make_optimizer(cfg.optim, model),
+                     scaler=speed.grad_scaler(trainer.device, cfg.speed.amp), speed=speed_cfg,
+                     grad_clip=cfg.optim.grad_clip, device=trainer.device)
     n = cfg.optim.batch_size // trainer.dist.world_size
     x = trainer.train_split.x[:n].to(trainer.device).float().div_(255)
     y = trainer.train_split.y[:n].to(trainer.device)

@@ -61,8 +61,8 @@ def write(name: str, result: dict[str, Any]) -> Path:
 
 def make_trainer(method: str, model: str, batch_size: int, out: Path, device: str = "cpu",
                  classes: int = 10, steps: int = 10, **speed: Any):
-    """A real Trainer (the code path `iat train` runs) on synthetic 3x32x32 data, in layout nchw unless
-    `speed` names one (so train_step runs at once, without the timing of layout "auto")."""
+    """A real Trainer (the code path `iat train` runs) on synthetic 3x32x32 data, in layout nchw without
+    compile unless `speed` names them (so train_step runs at once, without the timing of "auto")."""
     from iat import config as C
     from iat.data import load_dataset
     from iat.training.trainer import Trainer
@@ -71,7 +71,7 @@ def make_trainer(method: str, model: str, batch_size: int, out: Path, device: st
     cfg.data = C.DataConfig(name="synthetic", val_size=batch_size)
     cfg.optim = C.OptimConfig(epochs=1, batch_size=batch_size, schedule="constant", lr=0.01)
     cfg.threat = C.ThreatModel(steps=steps)
-    C.update(cfg, {"speed": {"layout": "nchw", **speed}})
+    C.update(cfg, {"speed": {"layout": "nchw", "compile": False, **speed}})
     bundle = load_dataset("synthetic", n_train=3 * batch_size, n_test=batch_size, num_classes=classes,
                           channels=3, size=32)
     return Trainer(cfg, out, bundle), cfg

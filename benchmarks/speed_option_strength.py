@@ -25,10 +25,11 @@ import torch
 
 from common import environment, write
 
-# every option names its layout: the default layout "auto" would pick one by timing
-OPTIONS = {"fp32": ["speed.layout=nchw"], "bf16": ["speed.amp=bf16", "speed.layout=nchw"],
-           "fp16": ["speed.amp=fp16", "speed.layout=nchw"], "channels_last": ["speed.layout=channels_last"],
-           "compile": ["speed.compile=true", "speed.layout=nchw"]}
+# every option names its layout and compile: the defaults ("auto") would pick them by timing
+EAGER = ["speed.compile=false"]
+OPTIONS = {"fp32": ["speed.layout=nchw", *EAGER], "bf16": ["speed.amp=bf16", "speed.layout=nchw", *EAGER],
+           "fp16": ["speed.amp=fp16", "speed.layout=nchw", *EAGER],
+           "channels_last": ["speed.layout=channels_last", *EAGER], "compile": ["speed.compile=true", "speed.layout=nchw"]}
 
 
 def iat(*argv: str) -> None:

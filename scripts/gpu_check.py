@@ -173,7 +173,8 @@ def evaluate(run_dir: Path, size: dict[str, Any], log: Path) -> dict[str, Any]:
         about["eval_examples"] = record["data"]["n_examples"]
         metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         about["train_seconds"] = sum(m["epoch_seconds"] for m in metrics)
-        about["layout"] = json.loads((run_dir / "config.json").read_text())["config"]["speed"]["layout"]
+        chosen = json.loads((run_dir / "config.json").read_text())["config"]["speed"]
+        about["layout"] = chosen["layout"] + ("+compile" if chosen.get("compile") is True else "")
     return about
 
 

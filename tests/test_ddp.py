@@ -24,7 +24,7 @@ def make_cfg(method: str, epochs: int = 1) -> C.TrainConfig:
     cfg.optim = C.OptimConfig(epochs=epochs, batch_size=32, lr=0.05, schedule="constant")
     cfg.threat = C.ThreatModel(eps=8 / 255, step_size=2 / 255, steps=2)
     cfg.val = C.ValConfig(steps=1, n_examples=16, batch_size=16)
-    cfg.speed = C.SpeedConfig(layout="nchw")  # fixed, so a run cut short without fit() has its training forward
+    cfg.speed = C.SpeedConfig(layout="nchw", compile=False)  # fixed, so a run cut short without fit() has its training forward
     return cfg
 
 

@@ -1,6 +1,6 @@
 """CUDA tests (mark `gpu`; skipped without CUDA; scripts/gpu_check.py runs them with `pytest -m gpu`):
-every speed option trains and evaluates, the fp16 GradScaler scales, generators on CUDA, DDP with NCCL
-in one process, AutoAttack on CUDA."""
+every speed option trains and evaluates, speed auto times compiled candidates with inductor and records its
+choice, the fp16 GradScaler scales, generators on CUDA, DDP with NCCL in one process, AutoAttack on CUDA."""
 import json
 import os
 import subprocess
@@ -45,6 +45,28 @@ def test_every_speed_option_trains_and_evaluates_on_cuda(tmp_path, option):
                                                            dataset="synthetic", device="cuda"))
     assert {r["attack"] for r in record.results} >= {"natural", "pgd20"}
     assert record.device.startswith("cuda")
+
+
+def test_speed_auto_times_compiled_candidates_and_records_a_choice_on_cuda(tmp_path, monkeypatch):
+    """layout and compile "auto" in a short run (the timing switched on for it): every layout is timed eager
+    and under torch.compile (inductor, the real backend), and the choice recorded is what trained."""
+    from iat.training import layout
+
+    monkeypatch.setattr(layout, "MIN_RUN_STEPS", 0)
+    monkeypatch.setattr(layout, "MIN_COMPILE_RUN_SECONDS", 0)
+    torch._dynamo.reset()
+    trainer = Trainer(_cfg(), tmp_path)
+    trainer.fit()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    about, chosen = saved["speed_auto"], saved["config"]["speed"]
+    assert about["timed"] and about["auto"] == ["layout", "compile"]
+    assert set(about["seconds_per_step"]) | set(about["dropped"]) == {
+        "nchw", "channels_last", "nchw+compile", "channels_last+compile"}
+    assert all(s > 0 for s in about["compile_warmup_seconds"].values()) and about["compile_reason"]
+    assert isinstance(chosen["compile"], bool) and (chosen["layout"], chosen["compile"]) == layout.parts(about["choice"])
+    assert isinstance(trainer.train_model, torch._dynamo.eval_frame.OptimizedModule) is chosen["compile"]
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert all(v == v for v in line["train"].values())
 
 
 def test_fp16_grad_scaler_scales_and_is_checkpointed(tmp_path):

@@ -96,13 +96,15 @@ def _weights(trainer):
 
 def _rigged(monkeypatch, fastest):
     """Time for real (the copies train, the generators are used), then report `fastest` as the faster."""
-    real = layout.time_layouts
+    real = layout.time_candidates
 
-    def rigged(trainer):
-        measured = real(trainer)
-        return {name: (1e-3 if name == fastest else 1.0) * max(measured.values()) for name in measured}
+    def rigged(trainer, names):
+        measured = real(trainer, names)
+        seconds = measured["seconds_per_step"]
+        return {**measured, "seconds_per_step": {name: (1e-3 if name == fastest else 1.0) * max(seconds.values())
+                                                 for name in seconds}}
 
-    monkeypatch.setattr(layout, "time_layouts", rigged)
+    monkeypatch.setattr(layout, "time_candidates", rigged)
 
 
 def test_auto_times_both_layouts_and_records_the_fastest(tmp_path, monkeypatch, capsys):
@@ -111,7 +113,7 @@ def test_auto_times_both_layouts_and_records_the_fastest(tmp_path, monkeypatch, 
     assert trainer.cfg.speed.layout == "auto" and trainer.train_model is None
     trainer.fit()
     saved = json.loads((tmp_path / "config.json").read_text())
-    about = saved["layout_auto"]
+    about = saved["speed_auto"]
     assert about["timed"] and set(about["seconds_per_step"]) == set(layout.EXACT)
     assert all(v > 0 for v in about["seconds_per_step"].values())
     fastest = min(about["seconds_per_step"], key=about["seconds_per_step"].get)
@@ -121,11 +123,11 @@ def test_auto_times_both_layouts_and_records_the_fastest(tmp_path, monkeypatch, 
 
 
 def test_a_short_run_takes_nchw_without_timing(tmp_path, monkeypatch):
-    monkeypatch.setattr(layout, "time_layouts", lambda trainer: pytest.fail("a short run must not time"))
+    monkeypatch.setattr(layout, "time_candidates", lambda trainer, names: pytest.fail("a short run must not time"))
     trainer = Trainer(_cfg(), tmp_path, _data())
     trainer.fit()
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["config"]["speed"]["layout"] == "nchw" and saved["layout_auto"]["timed"] is False
+    assert saved["config"]["speed"]["layout"] == "nchw" and saved["speed_auto"]["timed"] is False
 
 
 @pytest.mark.parametrize("chosen", layout.EXACT)
@@ -149,13 +151,13 @@ def test_resume_reuses_the_recorded_layout_without_timing(tmp_path, monkeypatch)
     cfg.optim.epochs = 2
     Trainer(cfg, tmp_path, _data()).fit()
     first = json.loads((tmp_path / "config.json").read_text())
-    monkeypatch.setattr(layout, "time_layouts", lambda trainer: pytest.fail("resume must not time again"))
+    monkeypatch.setattr(layout, "time_candidates", lambda trainer, names: pytest.fail("resume must not time again"))
     again = Trainer(cfg, tmp_path, _data())  # the caller's cfg still says "auto"
     assert cfg.speed.layout == "auto"
     again.resume()
-    assert again.cfg.speed.layout == "channels_last" and again.layout_auto == first["layout_auto"]
+    assert again.cfg.speed.layout == "channels_last" and again.speed_auto == first["speed_auto"]
     again.fit()
-    assert json.loads((tmp_path / "config.json").read_text())["layout_auto"] == first["layout_auto"]
+    assert json.loads((tmp_path / "config.json").read_text())["speed_auto"] == first["speed_auto"]
 
 
 def test_iat_train_resume_keeps_the_layout_and_its_timings(tmp_path, monkeypatch):
@@ -167,11 +169,11 @@ def test_iat_train_resume_keeps_the_layout_and_its_timings(tmp_path, monkeypatch
     assert main(["train", "--method", "pgd-at", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1",
                  "--batch-size", "64", "--steps", "1", "--val-examples", "16", "--no-progress", "--out", out]) == 0
     first = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert first["config"]["speed"]["layout"] == "channels_last" and first["layout_auto"]["timed"]
-    monkeypatch.setattr(layout, "time_layouts", lambda trainer: pytest.fail("resume must not time again"))
+    assert first["config"]["speed"]["layout"] == "channels_last" and first["speed_auto"]["timed"]
+    monkeypatch.setattr(layout, "time_candidates", lambda trainer, names: pytest.fail("resume must not time again"))
     assert main(["train", "--resume", out, "--no-progress"]) == 0
     again = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert again["config"]["speed"] == first["config"]["speed"] and again["layout_auto"] == first["layout_auto"]
+    assert again["config"]["speed"] == first["config"]["speed"] and again["speed_auto"] == first["speed_auto"]
 
 
 def test_a_version_1_record_upgrades_and_stays_the_same_run():

@@ -70,7 +70,7 @@ def test_train_step_is_the_hand_written_sequence_bit_for_bit(tiny_model, batch, 
 
 def test_the_trainer_step_is_train_step_for_pgd_at_awp(tmp_path):
     cfg = C.update(C.TrainConfig(method="pgd-at+awp", model="cnn", device="cpu", progress=False, seed=3),
-                   {"data": {"name": "synthetic", "val_size": 128}, "speed": {"layout": "nchw"}, "optim": {"epochs": 1, "batch_size": 32},
+                   {"data": {"name": "synthetic", "val_size": 128}, "speed": {"layout": "nchw", "compile": False}, "optim": {"epochs": 1, "batch_size": 32},
                     "threat": {"steps": 1}, "val": {"steps": 1, "n_examples": 32}})
     trainer = Trainer(cfg, tmp_path)
     model, method = copy.deepcopy(trainer.model), build_method(cfg)

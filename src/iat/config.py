@@ -16,7 +16,7 @@ from typing import Any, Optional, Union, get_type_hints
 from .errors import UsageError
 from .registry import did_you_mean
 from .threat import ThreatModel
-from .values import coerce
+from .values import AutoBool, coerce
 
 AUGMENTS = ("auto", "none", "crop-flip", "crop")
 AMPS = ("none", "bf16", "fp16")
@@ -79,15 +79,17 @@ class ValConfig:
 
 @dataclasses.dataclass
 class SpeedConfig:
-    """Speed options; they change the arithmetic, so they are part of the run's identity (layout "auto" is
-    resolved when a run starts and recorded as the layout it chose)."""
+    """Speed options; they change the arithmetic, so they are part of the run's identity ("auto" in layout or
+    compile is resolved when a run starts, by training.layout, and recorded as what it chose)."""
 
     amp: str = setting("none", "autocast of training and attack forwards (opt-in: changes the numerics)",
                        choices=AMPS)
     layout: str = setting("auto", "memory layout of model and inputs: nchw, channels_last (NHWC), or auto (time a "
                           "few training steps in each at the start and keep the faster; both compute the same "
                           "function)", choices=LAYOUTS)
-    compile: bool = setting(False, "torch.compile the model used for training forwards")
+    compile: AutoBool = setting("auto", "torch.compile the model used for training forwards: true, false, or auto "
+                                "(on CUDA, in a long enough run, also time each layout compiled and keep compile "
+                                "if its saving pays for its compile time; on CPU false, untimed)")
 
 
 @dataclasses.dataclass

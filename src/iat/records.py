@@ -84,7 +84,7 @@ class RunRecord:
     val_attack: Optional[dict[str, Any]] = None
     device: Optional[str] = None
     torch: Optional[str] = None
-    layout_auto: Optional[dict[str, Any]] = None  # how speed.layout = "auto" was resolved (training.layout)
+    speed_auto: Optional[dict[str, Any]] = None  # how layout / compile "auto" were resolved (training.layout)
     kind: str = "iat-run"
     version: int = 2
 
@@ -94,7 +94,8 @@ class RunRecord:
     @classmethod
     def from_dict(cls, values: Any, source: str = "run record") -> "RunRecord":
         """Upgrade and check: version 0 (iat 0.1) kept threat.bn_mode / threat.eps_warmup and the threat model
-        among the method's options; version 1 had speed.channels_last (a bool) where speed.layout is now."""
+        among the method's options; version 1 had speed.channels_last (a bool) where speed.layout is now. Records
+        of version 2 written before speed.compile could be "auto" call speed_auto layout_auto."""
         if not isinstance(values, dict) or not isinstance(values.get("config"), dict):
             raise UsageError(f"{source} is not an iat run record (no 'config' table)")
         values = json.loads(json.dumps(values))  # a deep copy in JSON's own types
@@ -105,6 +106,8 @@ class RunRecord:
         if values.get("kind", "iat-run") != "iat-run" or values.get("version") != 2:
             raise UsageError(f"{source} is a {values.get('kind')} record of version {values.get('version')}, "
                              "which this iat cannot read")
+        if "layout_auto" in values:
+            values.setdefault("speed_auto", values.pop("layout_auto"))
         return cls(**_known(cls, values))
 
 

@@ -43,7 +43,7 @@ def identity(record: RunRecord) -> dict[str, Any]:
 
 
 # Settings a run resolves when it starts: "auto" on one side matches what the other side resolved it to.
-RESOLVED_AT_START = ("config.speed.layout",)
+RESOLVED_AT_START = ("config.speed.layout", "config.speed.compile")
 
 
 def first_difference(old: RunRecord, new: RunRecord) -> Optional[str]:

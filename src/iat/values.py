@@ -8,11 +8,13 @@ from __future__ import annotations
 import math
 import types
 from fractions import Fraction
-from typing import Any, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from .errors import UsageError
 
 TRUE, FALSE = ("true", "1", "yes"), ("false", "0", "no")
+# A setting resolved when a run starts: "auto" until then, a plain bool after (what ran; speed.compile).
+AutoBool = Union[Literal["auto"], bool]
 
 
 def parse_number(value: object, name: str = "value") -> float:
@@ -58,12 +60,24 @@ def parse_bool(value: object, name: str = "value") -> bool:
     raise UsageError(f"{name} must be true or false, got {value!r}")
 
 
+def parse_auto_bool(value: object, name: str = "value") -> Union[str, bool]:
+    """"auto", or a bool from any spelling parse_bool accepts (old records hold true / false)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return parse_bool(value, name)
+    except UsageError:
+        raise UsageError(f"{name} must be auto, true or false, got {value!r}") from None
+
+
 def coerce(value: Any, kind: Any, name: str = "value") -> Any:
-    """Convert `value` to the declared type `kind` (bool, int, float, str, Optional[...], tuple[float, ...],
-    dict); "none"/"null" is None for optional fields."""
+    """Convert `value` to the declared type `kind` (bool, int, float, str, AutoBool, Optional[...],
+    tuple[float, ...], dict); "none"/"null" is None for optional fields."""
     origin, args = get_origin(kind), get_args(kind)
     if kind is Any:
         return value
+    if kind == AutoBool:
+        return parse_auto_bool(value, name)
     if origin in (Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
             if type(None) in args:

@@ -41,7 +41,9 @@ def step_seconds(cfg: C.TrainConfig, threads: int) -> tuple[float, int]:
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(C.update(C.from_dict(C.to_dict(cfg)), {"speed": {"layout": "nchw"}}), Path(tmp) / "run")
+            eager = {"compile": False} if cfg.speed.compile == "auto" else {}  # "auto" would wait for fit() to time
+            trainer = Trainer(C.update(C.from_dict(C.to_dict(cfg)), {"speed": {"layout": "nchw", **eager}}),
+                              Path(tmp) / "run")
             batches = trainer.loader.batches(0)
             times = []
             for _ in range(TIMED_STEPS + 1):

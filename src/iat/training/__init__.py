@@ -6,7 +6,8 @@
     monitor.py      the catastrophic-overfitting rule, checked every epoch
     step.py         one optimizer step of a method (the trainer's and the layout timer's)
     speed.py        speed options (autocast, memory layout, torch.compile)
-    layout.py       speed.layout = "auto": time both exact layouts at the start of a run, keep the faster
+    layout.py       speed.layout / speed.compile = "auto": time the exact candidates (layouts; compiled ones
+                    on CUDA) at the start of a run, keep the fastest
     distributed.py  torchrun / DistributedDataParallel
     checkpoint.py   safetensors checkpoints (tensors + a JSON header; loading runs no code)
     device.py       device resolution and the random-number state checkpoints carry

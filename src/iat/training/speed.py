@@ -4,9 +4,10 @@ amp: autocast ("bf16" | "fp16") around the method's loss, which covers the attac
 the training forward; the attack engine keeps delta and the eps-ball arithmetic in fp32 (its input
 x + delta is fp32, the gradient is cast to fp32 before the step, projection and [0, 1] clamp are fp32),
 so no perturbation leaves the ball. fp16 adds a GradScaler; amp is opt-in, because it changes the numerics.
-layout: "channels_last" is NHWC model and inputs, "nchw" the default format; "auto" (the default) is resolved
-by training.layout when the run starts. compile: torch.compile of the training model (attacks run it too; crafting flips requires_grad, so
-expect a recompile or two at the start).
+layout: "channels_last" is NHWC model and inputs, "nchw" the default format. compile: true puts the training
+forward under torch.compile (attacks run it too; crafting flips requires_grad, so expect a recompile or two at
+the start). "auto" (the default of both) is resolved by training.layout when the run starts: the fastest of the
+exact candidates by a few timed steps (compiled ones on CUDA only), recorded in config.json as what ran.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def validate(speed) -> None:
     if speed.amp not in AMP_DTYPES:
         raise UsageError(f"speed.amp must be one of {', '.join(AMP_DTYPES)}, got {speed.amp!r}")
+    if not (speed.compile == "auto" or isinstance(speed.compile, bool)):
+        raise UsageError(f"speed.compile must be auto, true or false, got {speed.compile!r}")
 
 
 def autocast(device: torch.device, amp: str) -> ContextManager:
@@ -56,6 +59,9 @@ def prepare_input(x: torch.Tensor, speed) -> torch.Tensor:
 
 
 def maybe_compile(model: nn.Module, speed) -> nn.Module:
+    """torch.compile for compile = true (the trainer resolves "auto" to a bool before it builds the forward)."""
+    if speed.compile not in (True, False):
+        raise ValueError(f"speed.compile {speed.compile!r} is not resolved to true or false")
     return torch.compile(model) if speed.compile else model
 
 

@@ -82,17 +82,18 @@ class Trainer:
         self.val_attacks = {"natural": create_attack("natural"), "robust": self._val_attack()}
         self.progress = Progress()
         self.board = Board(cfg, self.out, self.dist.is_main)  # TensorBoard events (--tensorboard), else a no-op
-        self.train_model: Optional[nn.Module] = None  # set once the layout is known
-        self.layout_auto: Optional[dict[str, Any]] = None
-        if cfg.speed.layout != "auto":
-            self.use_layout(cfg.speed.layout)
+        self.train_model: Optional[nn.Module] = None  # set once the layout and compile are known
+        self.speed_auto: Optional[dict[str, Any]] = None
+        if "auto" not in (cfg.speed.layout, cfg.speed.compile):
+            self.use_speed(cfg.speed.layout, cfg.speed.compile)
 
-    def use_layout(self, name: str, about: Optional[dict[str, Any]] = None) -> None:
-        """Put the model in layout `name` (its parameters stay the same objects, so the optimizer keeps them)
-        and build the training forward: self.model is what checkpoints and validation use; the training
-        forward goes through the DDP wrapper (and torch.compile) when asked for."""
-        self.cfg = dataclasses.replace(self.cfg, speed=dataclasses.replace(self.cfg.speed, layout=name))
-        self.layout_auto = about
+    def use_speed(self, layout_name: str, compiled: bool, about: Optional[dict[str, Any]] = None) -> None:
+        """Put the model in layout `layout_name` (its parameters stay the same objects, so the optimizer keeps
+        them) and build the training forward: self.model is what checkpoints and validation use; the training
+        forward goes through the DDP wrapper (and torch.compile if `compiled`)."""
+        chosen = dataclasses.replace(self.cfg.speed, layout=layout_name, compile=compiled)
+        self.cfg = dataclasses.replace(self.cfg, speed=chosen)
+        self.speed_auto = about
         speed.prepare_model(self.model, self.cfg.speed)
         ddp = distributed.wrap(self.model, self.device, sync_bn=self.cfg.distributed.sync_bn)  # BN layers converted first
         self.train_model = speed.maybe_compile(ddp, self.cfg.speed)
@@ -106,7 +107,7 @@ class Trainer:
                          model=self.spec, data={"name": self.bundle.name, "source": self.bundle.source,
                          "train": len(self.train_split), "val": len(self.val_split), "test": len(self.bundle.test)},
                          val_attack=self.val_attacks["robust"].describe(), device=str(self.device),
-                         torch=torch.__version__, layout_auto=self.layout_auto)
+                         torch=torch.__version__, speed_auto=self.speed_auto)
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -172,12 +173,14 @@ class Trainer:
 
     def check_same_run(self, saved: RunRecord, source: Path) -> None:
         """Refuse to continue a run with settings other than those it was trained with; a run asking for
-        layout "auto" takes the layout the saved run chose (no timing on resume)."""
-        chosen = (saved.config.get("speed") or {}).get("layout")
-        if self.train_model is None and chosen in layout.EXACT:
-            self.use_layout(chosen)
-        if self.cfg.speed.layout == chosen:  # how the run chose its layout stays in its record
-            self.layout_auto = saved.layout_auto
+        layout or compile "auto" takes what the saved run chose (no timing on resume)."""
+        saved_speed = saved.config.get("speed") or {}
+        chosen = layout.from_record(self.cfg.speed, saved_speed)
+        if self.train_model is None and chosen:
+            self.use_speed(*chosen)
+        ran = (saved_speed.get("layout"), saved_speed.get("compile", False))
+        if (self.cfg.speed.layout, self.cfg.speed.compile) == ran:
+            self.speed_auto = saved.speed_auto  # how the run chose its speed settings stays in its record
         diff = first_difference(saved, self.record())
         if diff:
             raise UsageError(f"cannot resume {self.out}: {diff} in {source}; drop what changes it, or start a new "
@@ -213,11 +216,12 @@ class Trainer:
                 "epochs": self.progress.epoch, "train_seconds": self.progress.elapsed}
 
     def _start_notes(self) -> None:
-        """Resolve layout "auto" (a new run times it) and say what the run chose and what it could opt into."""
+        """Resolve layout and compile "auto" (a new run times them) and say what the run chose and what it could
+        opt into."""
         if self.train_model is None:
-            self.use_layout(*layout.resolve(self))
+            self.use_speed(*layout.resolve(self))
             if self.dist.is_main:
-                tqdm.write(layout.describe(self.layout_auto))  # stdout, with the epoch lines
+                tqdm.write(layout.describe(self.speed_auto))  # stdout, with the epoch lines
         hint = speed.bf16_hint(self.device, self.cfg.speed)
         if hint and self.dist.is_main:
             tqdm.write(hint)

@@ -371,3 +371,22 @@ def test_dry_run_shows_settings_the_late_phase_and_a_timed_estimate(spec_file, t
     assert not out.exists()  # a plan writes nothing
     assert main(["reproduce", str(spec_file), "--out", str(out), "--dry-run", "--no-estimate"]) == 0
     assert "ms/step" not in capsys.readouterr().err
+
+
+def test_a_cell_whose_model_no_attack_changes_does_not_avoid_overfitting():
+    """uiat-fgsm-at-inv on C3 "avoided" catastrophic overfitting in 2 of 3 seeds by collapsing to a constant
+    classifier (natural = PGD = CW = 10%): the overfitting rule alone said "holds"."""
+    def row(cell, natural, worst):
+        return {"cell": cell, "checkpoint": "last", "per_seed": {"natural": natural, "worst case": worst}}
+
+    ours = row("b", {0: 0.362, 1: 0.10, 2: 0.10}, {0: 0.016, 1: 0.10, 2: 0.10})
+    assert table.unattackable_seeds(ours, "worst case") == [1, 2]
+    assert table.unattackable_seeds(row("b", {0: 0.0}, {0: 0.0}), "worst case") == []  # nothing right: no claim
+    cells = {"a": {s: {"co_epochs": [5, 6], "epoch_seconds": 10.0} for s in range(3)},
+             "b": {s: {"co_epochs": [], "epoch_seconds": 10.0} for s in range(3)}}
+    cmp = specs.Compare("C3", "a", "b", kind="overfitting")
+    result = _result([40, 41, 42], [42, 43, 44], [0.0, 0.0, 0.0])
+    assert table._verdict(result, cmp, cells, 3).startswith("holds: catastrophic overfitting in 3/3 seeds of a, 0/3")
+    result["unattackable_seeds"] = [1, 2]
+    verdict = table._verdict(result, cmp, cells, 3)
+    assert verdict.startswith("does not hold:") and "in 2/3 seeds of b no attack changed any prediction" in verdict

@@ -118,8 +118,18 @@ def compare_cells(cmp: Compare, rows: list[dict[str, Any]], cells: dict[str, Any
             mean, std = _mean_std(d)
             diffs[column] = {"mean": mean, "std": std, "wins": sum(v > 0 for v in d), "seeds": len(d)}
         out["by_checkpoint"][kind] = diffs
+    last = next(r for r in rows if r["cell"] == cmp.ours and r["checkpoint"] == spec.checkpoints[-1])
+    out["unattackable_seeds"] = unattackable_seeds(last, robust)
     out["verdict"] = _verdict(out, cmp, cells, len(spec.seeds))
     return out
+
+
+def unattackable_seeds(row: dict[str, Any], robust: str) -> list[Any]:
+    """Seeds whose model no attack changed on any example (worst case = natural accuracy, above 0): at the
+    table's eps that is a constant or otherwise degenerate classifier, whose "robust" accuracy is only its
+    natural one. A cell that "avoids" catastrophic overfitting this way does not count as avoiding it."""
+    nat, worst = row["per_seed"].get("natural", {}), row["per_seed"].get(robust, {})
+    return sorted(s for s in nat if s in worst and nat[s] > 0 and worst[s] == nat[s])
 
 
 def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], n_seeds: int) -> str:
@@ -138,13 +148,16 @@ def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], n_seed
         n = len(cells.get(cmp.ours, {}))
         if co_base == 0:
             return f"untested: {cmp.base} did not overfit catastrophically in any seed here"
-        holds = co_ours == 0
+        degenerate = result.get("unattackable_seeds", [])
+        holds = co_ours == 0 and not degenerate
         seconds = {name: _mean_std([r["epoch_seconds"] for r in cells[name].values()])[0]
                    for name in (cmp.ours, cmp.base)}
         ratio = seconds[cmp.ours] / seconds[cmp.base]
         return (f"{'holds' if holds else 'does not hold'}: catastrophic overfitting in {co_base}/{len(cells[cmp.base])} "
                 f"seeds of {cmp.base}, {co_ours}/{n} of {cmp.ours}; wall time per epoch {ratio:.2f}x {cmp.base}'s "
-                "(shared machine)")
+                "(shared machine)" + (f"; in {len(degenerate)}/{n} seeds of {cmp.ours} no attack changed any "
+                                      "prediction at the last checkpoint (a degenerate model: robust = natural accuracy)"
+                                      if degenerate else ""))
     gain = rob["mean"] > 0 and rob["wins"] == rob["seeds"]
     kept = nat.get("mean") is None or nat["mean"] >= -1.0
     word = "holds" if gain and kept else "mixed" if rob["mean"] > 0 else "does not hold"

@@ -88,8 +88,9 @@ def plot_training_curves(runs: Mapping[str, Sequence[MetricLine]], path: Union[s
     return _save(fig, path)
 
 
-def _epoch_axes(axes: Sequence[Any], titles: Sequence[str], legend_size: int) -> None:
-    """Integer epoch ticks, titles, a light grid and the legend on the first panel."""
+def _epoch_axes(axes: Sequence[Any], titles: Sequence[str], legend_size: int, fig: Any = None) -> None:
+    """Integer epoch ticks, titles, a light grid and the legend: on the first panel, or, given the figure
+    and more than four entries (which would cover the first panel's curves), in columns below the panels."""
     from matplotlib.ticker import MaxNLocator
 
     for ax, title in zip(axes, titles):
@@ -97,7 +98,11 @@ def _epoch_axes(axes: Sequence[Any], titles: Sequence[str], legend_size: int) ->
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=legend_size)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if fig is not None and len(labels) > 4:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize=legend_size)
+    else:
+        axes[0].legend(fontsize=legend_size)
 
 
 def _value(get: Any, record: MetricLine) -> float | None:
@@ -111,7 +116,7 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[MetricLine]]], pa
                      title: str = "") -> Path:
     """Per cell (name -> seed -> metrics.jsonl records): validation natural, PGD and FGSM accuracy per epoch,
     the mean over seeds as a line and the range over seeds as a band."""
-    fig, axes = _figure(3)
+    fig, axes = _figure(3, height=3.8 if len(cells) > 3 else 3.4)  # room for a legend below the panels
     panels = [("val natural accuracy (%)", "val_natural"), ("val PGD-10 accuracy (%)", "val_robust"),
               ("val FGSM accuracy (%)", "val_fgsm")]
     for i, (name, seeds) in enumerate(cells.items()):
@@ -132,7 +137,7 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[MetricLine]]], pa
                                 color=f"C{i}", alpha=0.15, linewidth=0)
     if any(len(seeds) > 1 for seeds in cells.values()):
         axes[0].fill_between([], [], [], color="grey", alpha=0.15, linewidth=0, label="band: range over seeds")
-    _epoch_axes(axes, [label for label, _ in panels], legend_size=7)
+    _epoch_axes(axes, [label for label, _ in panels], legend_size=7, fig=fig)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

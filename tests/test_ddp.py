@@ -2,7 +2,6 @@
 batch 2B trains, U of uiat-fgsm stays identical on every rank, rank 0 alone writes the run, and a run
 resumes across world sizes."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,9 @@ import torch.multiprocessing as mp
 
 from iat import config as C
 from iat.training.checkpoint import load_checkpoint
-from iat.data import load_dataset
 from iat.training.trainer import Trainer
+
+from gloo_helpers import bundle, free_port
 
 METHODS = ("standard", "pgd-at", "uiat-fgsm")
 
@@ -26,16 +26,6 @@ def make_cfg(method: str, epochs: int = 1) -> C.TrainConfig:
     cfg.val = C.ValConfig(steps=1, n_examples=16, batch_size=16)
     cfg.speed = C.SpeedConfig(layout="nchw", compile=False)  # fixed, so a run cut short without fit() has its training forward
     return cfg
-
-
-def bundle():
-    return load_dataset("synthetic", n_train=160, n_test=16)  # 128 training examples: 4 steps of 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, root: str) -> None:
@@ -77,7 +67,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path):
     ddp, ref = tmp_path / "ddp", tmp_path / "ref"
     _single("pgd-at", ddp / "resumed", epochs=2, stop_after=1)
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(ddp)), nprocs=2, join=True)
     for method in METHODS:
         _single(method, ref / method)
         assert_same_weights(ddp / method, ref / method)

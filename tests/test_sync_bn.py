@@ -3,7 +3,6 @@ train a BatchNorm model (cnn4, crafting in train-mode BN) as 1 process of batch 
 statistics alike; without it they do not. The layer itself matches BatchNorm on the whole batch in output,
 gradients and running statistics."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from iat import config as C
-from iat.data import load_dataset
 from iat.models import create_model
 from iat.records import RunRecord, first_difference
 from iat.training.checkpoint import load_checkpoint
 from iat.training.sync_bn import GlobalBatchNorm, convert
 from iat.training.trainer import Trainer
+
+from gloo_helpers import bundle, free_port
 
 
 def make_cfg(sync_bn: bool) -> C.TrainConfig:
@@ -30,16 +30,6 @@ def make_cfg(sync_bn: bool) -> C.TrainConfig:
     cfg.val = C.ValConfig(steps=1, n_examples=16, batch_size=16)
     cfg.distributed = C.DistributedConfig(sync_bn=sync_bn)
     return cfg
-
-
-def bundle():
-    return load_dataset("synthetic", n_train=160, n_test=16)  # 128 training examples: 4 steps of 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _layer_case(seed: int = 0):
@@ -93,7 +83,7 @@ def max_difference(a: Path, b: Path) -> float:
 def two_ranks(tmp_path_factory) -> Path:
     """One spawn of 2 gloo ranks for the tests below: two training runs and the layer's own check."""
     root = tmp_path_factory.mktemp("two-ranks")
-    mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root
 
 

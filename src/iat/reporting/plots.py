@@ -131,7 +131,7 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[MetricLine]]], pa
                 continue
             mean = [sum(by_epoch[e]) / len(by_epoch[e]) for e in xs]
             ax.plot(xs, mean, "o-" if len(xs) < 30 else "-", color=f"C{i}",
-                    label=f"{name}: mean of {len(seeds)} seeds", markersize=3)
+                    label=f"{name}: " + (f"mean of {len(seeds)} seeds" if len(seeds) > 1 else "one seed"), markersize=3)
             if len(seeds) > 1:
                 ax.fill_between(xs, [min(by_epoch[e]) for e in xs], [max(by_epoch[e]) for e in xs],
                                 color=f"C{i}", alpha=0.15, linewidth=0)

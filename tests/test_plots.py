@@ -17,7 +17,9 @@ def figures(monkeypatch, tmp_path):
 
 
 def _legend(fig) -> list[str]:
-    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    """The texts of the panels' legends and of the figure's own (below the panels)."""
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
 
 
 def _records(values):
@@ -56,3 +58,11 @@ def test_the_option_sweep_draws_means_seeds_and_the_reference(figures):
     assert list(mean_line.get_ydata()) == [71.0, 73.0] and ax.get_xlabel() == "eps_inv"
     assert ax.get_title() == "autoattack"
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.1"]
+
+
+def test_a_sweep_whose_points_have_different_seed_counts_says_so(figures):
+    line = [{"cell": "a", "x": 0.0, "seeds": {0: 70.0, 1: 72.0, 2: 71.0}}, {"cell": "b", "x": 0.05, "seeds": {2: 75.0}}]
+    points = {"option": "method_options.eps_inv", "reference": "pgd-at",
+              "by_checkpoint": {"best": {"natural": {"line": line, "reference": {}}}}}
+    plots.plot_option_sweep(points, "z.png")
+    assert _legend(figures[0])[0] == "best: mean of 1-3 seeds"

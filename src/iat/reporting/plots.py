@@ -149,7 +149,7 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
     line at its mean with its range over seeds as a band."""
     kinds = list(points["by_checkpoint"])
     columns = list(points["by_checkpoint"][kinds[0]]) if kinds else []
-    fig, axes = _figure(max(1, len(columns)), width=4.6, height=3.8)
+    fig, axes = _figure(max(1, len(columns)), width=4.6, height=4.2)
     option = points["option"].rsplit(".", 1)[-1]
     for ax, column in zip(axes, columns):
         ticks = set()
@@ -158,7 +158,8 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
             line = [p for p in data["line"] if p["seeds"]]
             ticks |= {p["x"] for p in line}
             if line:
-                n = max(len(p["seeds"]) for p in line)
+                counts = sorted({len(p["seeds"]) for p in line})
+                n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"  # seeds behind a point
                 means = [sum(p["seeds"].values()) / len(p["seeds"]) for p in line]
                 ax.plot([p["x"] for p in line], means, "o-" if i == 0 else "s--", color=f"C{i}",
                         label=f"{kind}: mean of {n} seeds", markerfacecolor="none" if i else None)
@@ -175,7 +176,9 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
         ax.set_ylabel(f"{column} accuracy (%)")
         ax.set_title(column, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    if columns:  # one legend below the panels (they share it; inside one it covered the reference line)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -11,6 +11,8 @@ from iat.data import load_dataset
 from iat.errors import UsageError
 from iat.training.trainer import Trainer
 
+from speed_helpers import small_cfg
+
 
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
 @pytest.mark.parametrize("descent", [False, True])
@@ -30,13 +32,7 @@ def test_bf16_autocast_keeps_examples_in_the_ball(tiny_model, batch, norm, eps, 
 
 
 def _cfg(**speed) -> C.TrainConfig:
-    cfg = C.TrainConfig(method="pgd-at", model="cnn", device="cpu", progress=False)
-    cfg.data = C.DataConfig(name="synthetic", val_size=32)
-    cfg.optim = C.OptimConfig(epochs=1, batch_size=32, lr=0.05, schedule="constant")
-    cfg.threat = C.ThreatModel(steps=2)
-    cfg.val = C.ValConfig(steps=1, n_examples=16, batch_size=16)
-    C.update(cfg, {"speed": speed})
-    return cfg
+    return small_cfg(2, **speed)
 
 
 @pytest.mark.parametrize("speed", [{"amp": "bf16", "layout": "channels_last"}, {"amp": "fp16"}])

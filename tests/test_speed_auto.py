@@ -15,18 +15,14 @@ from iat.records import RunRecord, first_difference
 from iat.training import layout
 from iat.training.trainer import Trainer
 
+from speed_helpers import small_cfg
+
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 ALL = ["nchw", "channels_last", "nchw+compile", "channels_last+compile"]
 
 
 def _cfg(**speed) -> C.TrainConfig:
-    cfg = C.TrainConfig(method="pgd-at", model="cnn", device="cpu", progress=False)
-    cfg.data = C.DataConfig(name="synthetic", val_size=32)
-    cfg.optim = C.OptimConfig(epochs=1, batch_size=32, lr=0.05, schedule="constant")
-    cfg.threat = C.ThreatModel(steps=1)
-    cfg.val = C.ValConfig(steps=1, n_examples=16, batch_size=16)
-    C.update(cfg, {"speed": speed})
-    return cfg
+    return small_cfg(1, **speed)
 
 
 def _fit(tmp_path, **speed) -> tuple[Trainer, dict]:

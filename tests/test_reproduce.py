@@ -144,6 +144,17 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
     assert err.count("0 of 4 cells have work") == 2
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("eval-*.json")}
 
+    spec_file.write_text(SPEC.replace("n_examples = 32\nlate = true", "n_examples = 40\nlate = true"))
+    assert main(["reproduce", str(spec_file), "--out", str(out), "--table-only"]) == 0
+    table = json.loads((out / "table.json").read_text())  # 32-example late evals are not the spec's 40
+    assert all(row["per_seed"]["cw"] == {} and len(row["per_seed"]["pgd20"]) == 2 for row in table["rows"])
+    assert main(["reproduce", str(spec_file), "--out", str(out)]) == 0  # extends them: examples 32..39 only
+    for path in out.rglob("eval-*-late.json"):
+        result = json.loads(path.read_text())
+        assert result["data"]["n_examples"] == 40 and [p["examples"] for p in result["parts"]] == [[0, 32], [32, 40]]
+    table = json.loads((out / "table.json").read_text())
+    assert table["complete"] and all(len(row["per_seed"]["cw"]) == 2 for row in table["rows"])
+
 
 @pytest.mark.parametrize("bad, says", [('cells = ["nope"]', "unknown cells ['nope']"),
                                        ('columns = ["natural", "fgsm"]', "columns ['fgsm']"),

@@ -228,6 +228,7 @@ class EvalRecord:
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
     per_example: dict[str, str] = dataclasses.field(default_factory=dict)
     same_weights_as: Optional[str] = None
+    parts: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # iat eval --extend: examples per part
     kind: str = "iat-eval"
     version: int = 2
 

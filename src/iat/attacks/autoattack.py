@@ -175,6 +175,12 @@ class AutoAttack:
         """AutoAttack's own warnings and how many points each component broke, over all calls so far."""
         return {"flags": list(self.flags), "broken_by": dict(self.broken_by), "seeds": list(self.seeds)}
 
+    def restore(self, diagnostics: dict) -> None:
+        """Continue from an earlier evaluation's `diagnostics()` (iat eval --extend): later calls add to it."""
+        self.flags = list(diagnostics.get("flags", []))
+        self.broken_by = Counter({k: int(v) for k, v in diagnostics.get("broken_by", {}).items()})
+        self.seeds = [int(s) for s in diagnostics.get("seeds", [])]
+
 
 def _package_version() -> str:
     try:

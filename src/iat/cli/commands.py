@@ -109,6 +109,7 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation.pipeline import EvalConfig, default_out, evaluate_prepared, identity, prepare_checkpoint
+    from ..evaluation.extend import extendable
     from ..evaluation.replace import check_replace
     from ..reporting.eval_tables import fmt_eps, format_checks, format_sweep, format_table, write_eval_files
 
@@ -122,8 +123,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_writable(out.parent)  # before the evaluation, not after it
     with run_lock(out):  # a second eval writing the same results is refused before it attacks anything
         prepared = prepare_checkpoint(args.target, cfg)
-        check_replace(out, identity(prepared, cfg), cfg.overwrite)
-        result = evaluate_prepared(prepared, cfg)
+        same = identity(prepared, cfg)
+        prior = extendable(out, same, cfg.seed, prepared.about["checkpoint"]) if cfg.extend else None
+        if prior is None:
+            check_replace(out, same, cfg.overwrite)
+        else:
+            print(f"iat: {out} holds this evaluation on the first {prior.data['n_examples']} examples; attacking "
+                  f"examples {prior.data['n_examples']}..{same['n_examples'] - 1} only (--extend)")
+        result = evaluate_prepared(prepared, cfg, prior)
         written = write_eval_files(result, out)
     print(f"{result.checkpoint} (epoch {result.checkpoint_epoch}) on {result.data['source']}, "
           f"test split, {result.data['n_examples']} examples, seed {cfg.seed}, mode {result.mode},")

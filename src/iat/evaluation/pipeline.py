@@ -25,6 +25,7 @@ from ..threat import ThreatModel
 from ..training.device import resolve_device
 from ..values import coerce, parse_literal, parse_number
 from .accuracy import pack_flags, robust_accuracy
+from .extend import merge, part_seed, parts, restore_attack_state
 from .loading import checkpoint_path, is_pickle, load_model, load_model_file
 from .sanity import check_class_coverage, run_checks
 from .sweep import check_eps_sweep, default_sweep, eps_sweep
@@ -60,6 +61,8 @@ class EvalConfig:
     sweep_attack: str = setting("pgd20", "attack of the eps sweep", choices="attacks")
     sweep_n_examples: Optional[int] = setting(None, "first N test examples of the eps sweep (default: "
                                               f"--n-examples if given, else at most {SWEEP_N_DEFAULT})")
+    extend: bool = setting(False, "when the results file holds this evaluation on the first K < N examples, "
+                           "attack only examples K..N-1 and write the merged result (see evaluation.extend)")
     overwrite: bool = setting(False, "replace an existing results file that holds an evaluation with other "
                               "attacks, examples, threat model, mode or checkpoint epoch (the same evaluation is "
                               "always replaced)")
@@ -178,8 +181,10 @@ def identity(p: Prepared, cfg: EvalConfig) -> dict[str, Any]:
             "mode": "cumulative" if cfg.worst_case_only else "each", "checkpoint_epoch": p.about["checkpoint_epoch"]}
 
 
-def evaluate_prepared(p: Prepared, cfg: EvalConfig) -> EvalRecord:
-    return evaluate_examples(p.model, p.x, p.y, p.threat, cfg, p.about, y_split=p.y_split, num_classes=p.num_classes)
+def evaluate_prepared(p: Prepared, cfg: EvalConfig, prior: Optional[EvalRecord] = None) -> EvalRecord:
+    """`prior`: a results file's record of this evaluation on fewer examples, to extend (evaluation.extend)."""
+    return evaluate_examples(p.model, p.x, p.y, p.threat, cfg, p.about, y_split=p.y_split, num_classes=p.num_classes,
+                             prior=prior)
 
 
 def prepare_checkpoint(target: str, cfg: EvalConfig) -> Prepared:
@@ -203,11 +208,18 @@ def prepare_checkpoint(target: str, cfg: EvalConfig) -> Prepared:
 
 
 def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, cfg: EvalConfig,
-                      about: dict[str, Any], *, y_split: torch.Tensor, num_classes: Optional[int]) -> EvalRecord:
+                      about: dict[str, Any], *, y_split: torch.Tensor, num_classes: Optional[int],
+                      prior: Optional[EvalRecord] = None) -> EvalRecord:
     """The one evaluation of `iat eval` and `iat.evaluate`: every attack of `cfg` in `threat`'s ball on (x, y),
     the sanity checks (class coverage against `y_split`, the labels the examples were taken from) and the
-    eps sweep if asked. `about` holds the record's fields that say what was evaluated (checkpoint, data, ...)."""
+    eps sweep if asked. `about` holds the record's fields that say what was evaluated (checkpoint, data, ...).
+    With `prior` (the same evaluation on the first K examples) only x[K:] is attacked (evaluation.extend)."""
     attacks = build_attacks(cfg.attacks, threat, cfg.restarts)
+    start = 0 if prior is None else prior.data["n_examples"]
+    if prior is not None:
+        if cfg.eps_sweep:
+            raise UsageError("--extend cannot add an eps sweep; run the sweep as its own evaluation (--out FILE)")
+        restore_attack_state(attacks, prior)
     if cfg.eps_sweep:
         from ..reporting.plots import require_matplotlib
 
@@ -217,8 +229,11 @@ def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     m = sweep_size(cfg, len(x)) if cfg.eps_sweep else 0  # checked before the first attack runs
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    acc = robust_accuracy(model, x, y, attacks, batch_size=cfg.batch_size, progress=cfg.progress, desc="eval",
-                          worst_case_only=cfg.worst_case_only, generator=torch.Generator().manual_seed(cfg.seed))
+    acc = robust_accuracy(model, x[start:], y[start:], attacks, batch_size=cfg.batch_size, progress=cfg.progress,
+                          desc="eval", worst_case_only=cfg.worst_case_only,
+                          generator=torch.Generator().manual_seed(part_seed(cfg.seed, start)))
+    part_seconds = time.perf_counter() - t0
+    acc = acc if prior is None else merge(prior, acc)
     checks = [c.to_dict() for c in run_checks(model, x, y, attacks, acc, batch_size=cfg.batch_size)]
     checks.append(check_class_coverage(y, y_split, about["data"]["split"], num_classes).to_dict())
     sweep = None
@@ -230,7 +245,8 @@ def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
         sweep = {"attack": cfg.sweep_attack, "norm": threat.norm, "n_examples": m, "points": points}
     return EvalRecord(
         **about, threat={"eps": threat.eps, "norm": threat.norm}, seed=cfg.seed, mode=acc.mode,
-        torch=torch.__version__, seconds=time.perf_counter() - t0,
+        torch=torch.__version__, seconds=time.perf_counter() - t0 + (prior.seconds if prior else 0.0),
+        parts=parts(prior, start, len(x), cfg.seed, part_seconds),
         results=_rows(acc, attacks), sanity=checks, eps_sweep=sweep,
         diagnostics={k: a.diagnostics() for k, a in attacks.items() if hasattr(a, "diagnostics")},
         per_example={k: pack_flags(v) for k, v in acc.per_example.items()})

@@ -90,7 +90,8 @@ def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, la
                  if state != "done" or not eval_done(run, k, group)]
         for kind in kinds:
             argv = ["eval", str(run), "--checkpoint", kind, "--attacks", group.attacks, "--no-progress",
-                    "--out", str(eval_path(run, kind, group)), "--overwrite"]  # eval_done found it stale
+                    "--out", str(eval_path(run, kind, group)), "--overwrite",  # eval_done found it stale
+                    "--extend"]  # ... or on fewer examples: only the new ones are attacked
             if group.n_examples is not None:
                 argv += ["--n-examples", str(group.n_examples)]
             copy = eval_path(run, "best", group) if kind == "last" and "best" in spec.checkpoints else None

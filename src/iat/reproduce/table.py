@@ -37,8 +37,8 @@ def read_cell(run: Path, spec: TableSpec) -> Optional[dict[str, Any]]:
         acc, columns = {}, {}
         for group in spec.evals:
             result = try_read_eval(eval_path(run, kind, group))
-            if result is None:
-                continue
+            if result is None or group.n_examples not in (None, result.data.get("n_examples")):
+                continue  # missing, or on other examples than the spec's (not yet extended): not counted
             for r in result.results:
                 own = r.get("counted", "own") in ("own", "natural") and r["attack"] != "worst case"
                 if (own or (r["attack"] == "worst case" and group is spec.evals[0])) and r["attack"] not in acc:

@@ -44,6 +44,9 @@ COMMANDS = {
          f"{TINY.replace('--model cnn', '--model cnn4')}"],
     "iat eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --n-examples 1000 --out runs/x/eval-aa.json":
         [f"eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --out runs/x/eval-aa.json {FEW}"],
+    "iat eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --n-examples 2000 --out runs/x/eval-aa.json "
+    "--extend": [f"eval runs/x --attacks natural,fgsm,pgd20,pgd100,cw,autoattack --out runs/x/eval-aa.json --extend "
+                 "--n-examples 48 --no-progress"],
     "iat eval runs/x --eps-sweep auto --out runs/x/eval-sweep.json":
         [f"eval runs/x --eps-sweep auto --out runs/x/eval-sweep.json {FEW}"],
     "iat report runs/a runs/b --out report": ["report runs/x runs/c10-r18-iat --out report --no-progress"],

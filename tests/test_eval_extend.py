@@ -84,6 +84,19 @@ def test_another_seed_is_not_extended(run, tmp_path, capsys):
     assert record["parts"] == [] and record["seed"] == 1 and record["data"]["n_examples"] == 24
 
 
+def test_a_results_file_with_damaged_outcomes_is_not_extended(run, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run), *EVAL, "--attacks", "fgsm", "--n-examples", "12", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    record["per_example"]["fgsm"] = "00"  # 8 examples' bits, not 12
+    out.write_text(json.dumps(record))
+    before = out.read_bytes()
+    assert main(["eval", str(run), *EVAL, "--attacks", "fgsm", "--n-examples", "24", "--out", str(out),
+                 "--extend"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "12 examples (this one: 24)" in err and len(err.splitlines()) == 1 and out.read_bytes() == before
+
+
 def test_autoattack_diagnostics_continue_from_the_first_part():
     first = {"flags": ["a warning"], "broken_by": {"apgd-ce": 3, "square": 1}, "seeds": [7]}
     aa = AutoAttack(eps=0.1)

@@ -43,6 +43,10 @@ def extendable(out: Path, new: dict[str, Any], seed: int, checkpoint: str) -> Op
             or old.seed != seed or Path(old.checkpoint).resolve() != Path(checkpoint).resolve()
             or old.eps_sweep is not None or set(old.per_example) != {*attacks, "worst_case"}):
         return None
+    try:
+        prior_accuracy(old)  # outcomes that do not unpack to n_old examples: not extended, replaced or refused
+    except ValueError:
+        return None
     return old
 
 

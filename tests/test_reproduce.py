@@ -144,6 +144,11 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
     assert err.count("0 of 4 cells have work") == 2
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("eval-*.json")}
 
+    check_more_examples_extend_the_evals(spec_file, out)
+
+
+def check_more_examples_extend_the_evals(spec_file, out):
+    """A finished table whose late group asks for more examples: the runner attacks only the new ones."""
     spec_file.write_text(SPEC.replace("n_examples = 32\nlate = true", "n_examples = 40\nlate = true"))
     assert main(["reproduce", str(spec_file), "--out", str(out), "--table-only"]) == 0
     table = json.loads((out / "table.json").read_text())  # 32-example late evals are not the spec's 40
@@ -154,6 +159,9 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
         assert result["data"]["n_examples"] == 40 and [p["examples"] for p in result["parts"]] == [[0, 32], [32, 40]]
     table = json.loads((out / "table.json").read_text())
     assert table["complete"] and all(len(row["per_seed"]["cw"]) == 2 for row in table["rows"])
+    assert ("cw (first 40 test examples): linf eps 8/255, 30 steps" in (out / "table.md").read_text() and
+            "; examples 0-31 and 32-39 attacked in separate runs (`iat eval --extend`) in 8 of 8 evaluations\n"
+            in (out / "table.md").read_text() and "evals" not in table["protocol"]["columns"]["pgd20"])
 
 
 @pytest.mark.parametrize("bad, says", [('cells = ["nope"]', "unknown cells ['nope']"),

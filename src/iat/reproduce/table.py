@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,7 +44,8 @@ def read_cell(run: Path, spec: TableSpec) -> Optional[dict[str, Any]]:
                 own = r.get("counted", "own") in ("own", "natural") and r["attack"] != "worst case"
                 if (own or (r["attack"] == "worst case" and group is spec.evals[0])) and r["attack"] not in acc:
                     acc[r["attack"]] = r["accuracy"]
-                    columns[r["attack"]] = {"protocol": r["protocol"], "n": result.data["n_examples"]}
+                    columns[r["attack"]] = {"protocol": r["protocol"], "n": result.data["n_examples"],
+                                            "parts": [part["examples"] for part in result.parts]}
             if group is spec.evals[0]:
                 evals[kind] = {"epoch": result.checkpoint_epoch, "threat": result.threat, "data": result.data}
         if kind in evals:
@@ -83,16 +85,8 @@ def build_table(spec: TableSpec, out: Path) -> dict[str, Any]:
             row["epoch_seconds"] = _mean_std([r["epoch_seconds"] for r in runs.values()])
             row["co"] = {s: r["co_epochs"] for s, r in runs.items()}
             rows.append(row)
-    protocol = None
-    for runs in cells.values():
-        for r in runs.values():
-            for ev in r["evals"].values():
-                if protocol is None:
-                    protocol = {"threat": ev["threat"], "data": ev["data"], "columns": {}}
-                for name, col in ev["columns"].items():
-                    protocol["columns"].setdefault(name, col)
     table = {"table": spec.name, "title": spec.title, "spec": spec.source, "seeds": spec.seeds, "columns": columns,
-             "rows": rows, "protocol": protocol, "complete": all(len(cells.get(c.name, {})) == len(spec.seeds)
+             "rows": rows, "protocol": _protocol(cells), "complete": all(len(cells.get(c.name, {})) == len(spec.seeds)
                                                                  for c in spec.cells),
              "missing": [f"{c.name}/seed{s}" for c in spec.cells for s in spec.seeds if s not in cells.get(c.name, {})],
              "config": spec.config, "cells": {c.name: c.settings for c in spec.cells}}
@@ -100,6 +94,24 @@ def build_table(spec: TableSpec, out: Path) -> dict[str, Any]:
     table["sweeps"] = [sweep_points(table, spec, sweep) for sweep in spec.sweeps]
     table["curves"] = {name: {s: r["records"] for s, r in runs.items()} for name, runs in cells.items()}
     return table
+
+
+def _protocol(cells: dict[str, dict[int, dict[str, Any]]]) -> Optional[dict[str, Any]]:
+    """Threat model, data and each column's protocol (the first evaluation's); for a column that some evaluations
+    hold in parts (`iat eval --extend`), how many of its evaluations had each split."""
+    protocol, evals = None, Counter()
+    for ev in (ev for runs in cells.values() for r in runs.values() for ev in r["evals"].values()):
+        protocol = protocol or {"threat": ev["threat"], "data": ev["data"], "columns": {}}
+        for name, col in ev["columns"].items():
+            column = protocol["columns"].setdefault(name, {"protocol": col["protocol"], "n": col["n"]})
+            evals[name] += 1
+            if col["parts"]:
+                split = " and ".join(f"{a}-{b - 1}" for a, b in col["parts"])
+                column.setdefault("in_parts", Counter())[split] += 1
+    for name, column in (protocol or {}).get("columns", {}).items():
+        if "in_parts" in column:
+            column.update(in_parts=dict(column["in_parts"]), evals=evals[name])
+    return protocol
 
 
 def compare_cells(cmp: Compare, rows: list[dict[str, Any]], cells: dict[str, Any], spec: TableSpec) -> dict[str, Any]:
@@ -171,9 +183,7 @@ def _verdict(result: dict[str, Any], cmp: Compare, cells: dict[str, Any], n_seed
 
 def _fmt(ms: tuple[Optional[float], Optional[float]], n: int) -> str:
     mean, std = ms
-    if mean is None:
-        return "-"
-    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+    return "-" if mean is None else f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
 
 
 def _partial(row: dict[str, Any], column: str) -> str:
@@ -190,8 +200,10 @@ def _protocol_lines(table: dict[str, Any]) -> list[str]:
         return []
     lines = [f"- test data: {p['data']['name']} ({p['data'].get('source', '')}); examples in the data set's fixed "
              f"order; threat model {p['threat']['norm']} eps {fmt_eps(p['threat']['eps'])}"]
-    lines += [f"- {name} (first {c['n']} test examples): {protocol_text(c['protocol'])}"
-              for name, c in p["columns"].items()]
+    for name, c in p["columns"].items():
+        grown = "".join(f"; examples {split} attacked in separate runs (`iat eval --extend`) in {k} of "
+                        f"{c['evals']} evaluations" for split, k in c.get("in_parts", {}).items())
+        lines.append(f"- {name} (first {c['n']} test examples): {protocol_text(c['protocol'])}{grown}")
     return lines
 
 

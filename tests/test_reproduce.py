@@ -144,11 +144,12 @@ def test_runner_trains_resumes_evaluates_skips_and_writes_the_table(spec_file, t
     assert err.count("0 of 4 cells have work") == 2
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("eval-*.json")}
 
-    check_more_examples_extend_the_evals(spec_file, out)
+    check_more_examples_extend_the_evals(spec_file, out, capsys)
 
 
-def check_more_examples_extend_the_evals(spec_file, out):
-    """A finished table whose late group asks for more examples: the runner attacks only the new ones."""
+def check_more_examples_extend_the_evals(spec_file, out, capsys):
+    """A finished table whose late group asks for more examples: the runner attacks only the new ones; asked
+    for fewer again, it keeps the longer evaluations."""
     spec_file.write_text(SPEC.replace("n_examples = 32\nlate = true", "n_examples = 40\nlate = true"))
     assert main(["reproduce", str(spec_file), "--out", str(out), "--table-only"]) == 0
     table = json.loads((out / "table.json").read_text())  # 32-example late evals are not the spec's 40
@@ -162,6 +163,12 @@ def check_more_examples_extend_the_evals(spec_file, out):
     assert ("cw (first 40 test examples): linf eps 8/255, 30 steps" in (out / "table.md").read_text() and
             "; examples 0-31 and 32-39 attacked in separate runs (`iat eval --extend`) in 8 of 8 evaluations\n"
             in (out / "table.md").read_text() and "evals" not in table["protocol"]["columns"]["pgd20"])
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("eval-*-late.json")}
+    spec_file.write_text(SPEC)  # back to 32 examples: the 40-example evals are kept, not shrunk
+    assert main(["reproduce", str(spec_file), "--out", str(out)]) == 0
+    assert capsys.readouterr().err.count("examples; kept and not counted") == 8
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("eval-*-late.json")}
 
 
 @pytest.mark.parametrize("bad, says", [('cells = ["nope"]', "unknown cells ['nope']"),

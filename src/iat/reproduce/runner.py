@@ -55,16 +55,17 @@ def checkpoint_epochs(run: Path) -> dict[str, int]:
     return {"best": records[-1].best_epoch, "last": records[-1].epoch} if records else {}
 
 
-def eval_done(run: Path, kind: str, group: EvalGroup) -> bool:
-    """An eval of the checkpoint as it is now, with every attack and the number of examples the group asks."""
+def eval_done(run: Path, kind: str, group: EvalGroup, more: bool = False) -> bool:
+    """An eval of the checkpoint as it is now, with every attack and the number of examples the group asks
+    (with `more`: on more examples than it asks, which the runner keeps rather than replace by fewer)."""
     result = try_read_eval(eval_path(run, kind, group))
     epoch = checkpoint_epochs(run).get(kind)
     if result is None or epoch is None:
         return False
     attacks = {r["attack"] for r in result.results}
-    n = group.n_examples
+    n, held = group.n_examples, result.data.get("n_examples")
     return (result.checkpoint_epoch == epoch and set(group.columns()) <= attacks
-            and (n is None or result.data.get("n_examples") == n))
+            and (n is None or (held > n if more and isinstance(held, int) else held == n)))
 
 
 @dataclasses.dataclass
@@ -88,6 +89,11 @@ def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, la
         # the last checkpoint first: when the best one is the same epoch (same weights), its eval is copied
         kinds = [k for k in sorted(spec.checkpoints, key=KINDS[::-1].index)
                  if state != "done" or not eval_done(run, k, group)]
+        for kind in [k for k in kinds if eval_done(run, k, group, more=True)]:
+            kinds.remove(kind)  # a longer evaluation is never replaced by a shorter one; the table leaves it out
+            print(f"iat: {eval_path(run, kind, group)} holds this evaluation on more than the table's "
+                  f"{group.n_examples} examples; kept and not counted (raise the spec's n_examples to use it)",
+                  file=sys.stderr)
         for kind in kinds:
             argv = ["eval", str(run), "--checkpoint", kind, "--attacks", group.attacks, "--no-progress",
                     "--out", str(eval_path(run, kind, group)), "--overwrite",  # eval_done found it stale

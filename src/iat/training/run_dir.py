@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -85,8 +86,16 @@ def run_lock(out: Path, what: str = "--out") -> Iterator[None]:
     lock of a process that dies, so a stale lock file is simply taken over; the file is removed on release."""
     path = lock_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(path, out, what)
+    # Ctrl-C / SIGTERM wait while the lock is taken, so that one arriving between the lock file's creation and
+    # the `try` below (a loaded machine) still removes it: the pending signal is handled inside the `try`.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
+        fd = _acquire(path, out, what)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield

@@ -20,7 +20,7 @@ import torch
 from ..errors import UsageError
 from ..records import EvalRecord, read_eval
 from .accuracy import Accuracy, aggregate, unpack_flags
-from .replace import differences
+from .replace import attack_names, differences
 
 
 def part_seed(seed: int, start: int) -> int:
@@ -38,9 +38,10 @@ def extendable(out: Path, new: dict[str, Any], seed: int, checkpoint: str) -> Op
     except (UsageError, OSError):
         return None
     n_old = old.data.get("n_examples")
-    attacks = [r["attack"] for r in old.results if r["attack"] != "worst case"]
-    if (differences(old, {**new, "n_examples": n_old}) or not isinstance(n_old, int) or not 0 < n_old < new["n_examples"] or attacks != new["attacks"]
-            or old.seed != seed or Path(old.checkpoint).resolve() != Path(checkpoint).resolve()
+    attacks = attack_names(old)
+    if (differences(old, {**new, "n_examples": n_old}) or not isinstance(n_old, int)
+            or not 0 < n_old < new["n_examples"] or attacks != new["attacks"] or old.seed != seed
+            or Path(old.checkpoint).resolve() != Path(checkpoint).resolve()
             or old.eps_sweep is not None or set(old.per_example) != {*attacks, "worst_case"}):
         return None
     try:
@@ -54,7 +55,7 @@ def prior_accuracy(prior: EvalRecord) -> tuple[list[torch.Tensor], list[dict[str
     """The record's per-example outcomes as one batch for `aggregate`: ([natural], [{attack: flags}], attacked)."""
     n = prior.data["n_examples"]
     flags = {k: unpack_flags(v, n) for k, v in prior.per_example.items() if k != "worst_case"}
-    attacked = {r["attack"]: int(r.get("attacked", 0)) for r in prior.results if r["attack"] != "worst case"}
+    attacked = {r["attack"]: int(r.get("attacked", 0)) for r in prior.results if r["attack"] in attack_names(prior)}
     return [flags["natural"]], [flags], attacked
 
 

@@ -15,7 +15,8 @@ from ..errors import UsageError
 from ..records import EvalRecord, read_eval
 
 
-def _attacks(record: EvalRecord) -> list[str]:
+def attack_names(record: EvalRecord) -> list[str]:
+    """The record's attacks in their order, natural first, without the worst-case row."""
     return [r["attack"] for r in record.results if r["attack"] != "worst case"]
 
 
@@ -26,8 +27,8 @@ def _threat(threat: dict[str, Any]) -> str:
 def differences(old: EvalRecord, new: dict[str, Any]) -> list[str]:
     """What `old` holds that the evaluation described by `new` would not ("what it holds (this one: ...)")."""
     out = []
-    if set(_attacks(old)) != set(new["attacks"]):
-        out.append(f"attacks {','.join(_attacks(old))} (this one: {','.join(new['attacks'])})")
+    if set(attack_names(old)) != set(new["attacks"]):
+        out.append(f"attacks {','.join(attack_names(old))} (this one: {','.join(new['attacks'])})")
     if old.data.get("n_examples") != new["n_examples"]:
         out.append(f"{old.data.get('n_examples')} examples (this one: {new['n_examples']})")
     t, u = old.threat, new["threat"]

@@ -66,3 +66,11 @@ def test_a_sweep_whose_points_have_different_seed_counts_says_so(figures):
               "by_checkpoint": {"best": {"natural": {"line": line, "reference": {}}}}}
     plots.plot_option_sweep(points, "z.png")
     assert _legend(figures[0])[0] == "best: mean of 1-3 seeds"
+
+
+def test_a_one_seed_sweep_is_labelled_as_one_seed_not_a_mean(figures):
+    line = [{"cell": "a", "x": 0.0, "seeds": {0: 70.0}}, {"cell": "b", "x": 0.1, "seeds": {0: 75.0}}]
+    points = {"option": "method_options.eps_inv", "reference": "pgd-at",
+              "by_checkpoint": {"best": {"natural": {"line": line, "reference": {0: 69.0}}}}}
+    plots.plot_option_sweep(points, "z.png")
+    assert _legend(figures[0]) == ["best: 1 seed", "pgd-at best (band: seed range)"]

@@ -55,7 +55,8 @@ def prior_accuracy(prior: EvalRecord) -> tuple[list[torch.Tensor], list[dict[str
     """The record's per-example outcomes as one batch for `aggregate`: ([natural], [{attack: flags}], attacked)."""
     n = prior.data["n_examples"]
     flags = {k: unpack_flags(v, n) for k, v in prior.per_example.items() if k != "worst_case"}
-    attacked = {r["attack"]: int(r.get("attacked", 0)) for r in prior.results if r["attack"] in attack_names(prior)}
+    names = attack_names(prior)
+    attacked = {r["attack"]: int(r.get("attacked", 0)) for r in prior.results if r["attack"] in names}
     return [flags["natural"]], [flags], attacked
 
 

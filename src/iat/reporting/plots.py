@@ -160,9 +160,10 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
             if line:
                 counts = sorted({len(p["seeds"]) for p in line})
                 n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"  # seeds behind a point
+                several = counts[-1] > 1  # with one seed per point the line is the seeds: no separate dots label
                 means = [sum(p["seeds"].values()) / len(p["seeds"]) for p in line]
                 ax.plot([p["x"] for p in line], means, "o-" if i == 0 else "s--", color=f"C{i}",
-                        label=f"{kind}: mean of {n} seeds" if counts[-1] > 1 else f"{kind}: 1 seed",
+                        label=f"{kind}: mean of {n} seeds" if several else f"{kind}: 1 seed",
                         markerfacecolor="none" if i else None)
                 for p, mean in zip(line, means):  # the legend is the first panel's: name a point with fewer seeds
                     if i == 0 and len(p["seeds"]) < counts[-1]:
@@ -170,7 +171,7 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
                                     textcoords="offset points", xytext=(6, 6), fontsize=8)
                 dots = [(p["x"], v) for p in line for v in p["seeds"].values()]
                 ax.plot([x for x, _ in dots], [v for _, v in dots], ".", color=f"C{i}", alpha=0.45, markersize=6,
-                        label=f"{kind}: one seed" if counts[-1] > 1 else "_nolegend_")  # one seed: the line's dots
+                        label=f"{kind}: one seed" if several else "_nolegend_")
             ref = list(data["reference"].values())
             if ref:
                 ax.axhline(sum(ref) / len(ref), color=f"C{i}", linestyle=":", linewidth=1.2,

@@ -95,7 +95,7 @@ def test_method_loss_matches_objective(tiny_model, batch, name):
     if name.startswith("iat"):
         li = tiny_model(method.inverse_example(tiny_model, x, y, x_adv))
         expected = (iat_trades_objective(ln, la, li, y, 2.0) if name == "iat-trades"
-                    else iat_mart_objective(la, li, y, 2.0))[0]
+                    else iat_mart_objective(la, li, y, 2.0, logits_weight=ln))[0]
     else:
         expected = (trades_objective if name == "trades" else mart_objective)(ln, la, y, 2.0)[0]
     assert torch.allclose(loss, expected, atol=1e-6)
@@ -263,10 +263,10 @@ def test_methods_never_touch_the_models_gradients_or_an_optimizer_of_it(tiny_mod
 
 # ----------------------------------------------------------------- AWP defaults per host, warm-up
 @pytest.mark.parametrize("name, gamma, warmup", [("pgd-at+awp", 1e-2, 0.0), ("iat+awp", 1e-2, 0.0),
-                                                 ("trades+awp", 5e-3, 0.05), ("iat-trades+awp", 5e-3, 0.05),
-                                                 ("mart+awp", 5e-3, 0.05), ("iat-mart+awp", 5e-3, 0.05)])
+                                                 ("trades+awp", 5e-3, 0.045), ("iat-trades+awp", 5e-3, 0.045),
+                                                 ("mart+awp", 5e-3, 0.045), ("iat-mart+awp", 5e-3, 0.045)])
 def test_awp_is_registered_on_every_multistep_recipe_with_its_hosts_defaults(name, gamma, warmup):
-    """The authors' code: AT-AWP gamma 1e-2 from the start; TRADES-AWP gamma 5e-3 after 10 of 200 epochs."""
+    """The authors' code: AT-AWP gamma 1e-2 from the start; TRADES-AWP gamma 5e-3 from the 10th of 200 epochs."""
     opts = create_method(name).options()
     assert (opts["gamma"], opts["awp_warmup"]) == (gamma, warmup)
     assert create_method(name, gamma=0.02, awp_warmup=0.1).options()["gamma"] == 0.02
@@ -278,7 +278,7 @@ def test_awp_waits_for_its_warmup(tiny_model, batch):
     method = create_method("trades+awp", bn_mode="keep", **FAST)
     crafted = method.craft(tiny_model, x, y)
     plain, _ = method.inner.objective(tiny_model, x, y, crafted)
-    method.at_step(4, 100)  # 4% of training: before the 5% warm-up, the wrapped objective itself
+    method.at_step(4, 100)  # 4% of training: before the 4.5% warm-up, the wrapped objective itself
     before, _ = method.objective(tiny_model, x, y, crafted)
     method.at_step(5, 100)
     after, _ = method.objective(tiny_model, x, y, crafted)
@@ -323,3 +323,52 @@ def test_ce_kl_inverse_loss_takes_its_references_in_the_crafting_bn_mode(tiny_mo
     torch.manual_seed(0)
     expected = PGD(eps=8 / 255, step_size=2 / 255, steps=2, descent=True, loss=by_hand, bn_mode="eval")(tiny_model, x, y)
     assert torch.equal(x_inv, expected)
+
+
+def test_awp_warmup_starts_where_the_references_epoch_rule_starts():
+    """The TRADES-AWP reference: `for epoch in range(1, epochs + 1)`, perturbing when `epoch >= awp_warmup`
+    (10). Re-typed, per 0-based epoch index e of 200: active iff e + 1 >= 10; ours by the step fraction."""
+    method, steps_per_epoch, epochs = create_method("trades+awp", **FAST), 7, 200
+    for e in range(epochs):
+        for t in (e * steps_per_epoch, (e + 1) * steps_per_epoch - 1):  # first and last step of the epoch
+            method.at_step(t, epochs * steps_per_epoch)
+            assert method.perturbing == (e + 1 >= 10), (e, t)
+
+
+def test_iat_mart_weight_is_marts_own_by_default():
+    """MART's weight 1 - p_y(x) of the natural x (re-typed from MART's code); "inverse" keeps 1 - p_y(x~)."""
+    adv, inv, nat = (0.2, 0.5, 0.3), (0.7, 0.2, 0.1), (0.4, 0.35, 0.25)
+    y = torch.tensor([0])
+    bce = -math.log(0.2) - math.log(1 - 0.5)
+    loss, _ = iat_mart_objective(logits_of(adv), logits_of(inv), y, beta=5.0, logits_weight=logits_of(nat))
+    assert loss.item() == pytest.approx(bce + 5.0 * kl(inv, adv) * (1 - 0.4), abs=1e-5)
+    assert create_method("iat-mart").options()["mart_weight"] == "natural"
+    with pytest.raises(UsageError, match="mart_weight"):
+        create_method("iat-mart", mart_weight="x~")
+
+
+@pytest.mark.parametrize("weight", ["natural", "inverse"])
+def test_iat_mart_method_uses_the_chosen_weight(tiny_model, batch, weight):
+    x, y = batch
+    tiny_model.eval()
+    method = create_method("iat-mart", bn_mode="keep", beta=2.0, mart_weight=weight, **FAST)
+    crafted = method.craft(tiny_model, x, y)
+    loss, metrics = method.objective(tiny_model, x, y, crafted)
+    la, li = tiny_model(crafted["x_adv"]), tiny_model(crafted["x_inv"])
+    ln = tiny_model(x) if weight == "natural" else None
+    want, terms = iat_mart_objective(la, li, y, 2.0, logits_weight=ln)
+    assert torch.allclose(loss, want, atol=1e-6) and torch.allclose(metrics["kl"], terms["kl"], rtol=1e-5, atol=0)
+    _, other = iat_mart_objective(la, li, y, 2.0, logits_weight=None if ln is not None else tiny_model(x))
+    assert not torch.allclose(metrics["kl"], other["kl"], rtol=1e-3, atol=0)  # the two weights differ
+
+
+def test_an_iat_mart_run_recorded_before_mart_weight_was_weighed_by_the_inverse_adversary():
+    from iat.records import RunRecord
+    from iat.same_run import first_difference
+
+    def record(method):
+        return RunRecord(config={"method": "iat-mart"}, method=method)
+
+    old = record({"name": "iat-mart", "beta": 5.0})
+    assert first_difference(old, record({"name": "iat-mart", "beta": 5.0, "mart_weight": "inverse"})) is None
+    assert "mart_weight" in first_difference(old, record({"name": "iat-mart", "beta": 5.0, "mart_weight": "natural"}))

@@ -63,6 +63,18 @@ def test_fgsm_at_is_one_signed_step_of_eps(tiny_model, batch):
 
 
 # ----------------------------------------------------------------- GradAlign
+@pytest.mark.parametrize("eps255, want", [(8, 0.2), (16, 2.0), (4, 0.02 * 10 ** 0.5), (12, 0.02 * 10 ** 1.5)])
+def test_gradalign_lambda_follows_the_authors_rule(eps255, want):
+    """Their scripts: 0.2 at 8/255 and 2.0 at 16/255, the rule 0.02 * 10^(eps*255/8) (re-typed)."""
+    method = create_method("gradalign", eps=eps255 / 255)
+    assert method.align_lambda == pytest.approx(want, rel=1e-9) and method.options()["align_lambda"] == method.align_lambda
+    assert create_method("gradalign", eps=eps255 / 255, align_lambda=0.5).options()["align_lambda"] == 0.5
+
+
+def test_gradalign_lambda_at_8_and_16_is_exactly_the_authors_value():
+    assert create_method("gradalign", eps=8 / 255).align_lambda == 0.2
+    assert create_method("gradalign", eps=16 / 255).align_lambda == 2.0
+
 
 def test_gradalign_loss_matches_definition(tiny_model, batch):
     """CE(f(FGSM(x)), y) + lambda (1 - cos(grad CE(x), grad CE(x + eta))), eta from the same random state."""

@@ -12,11 +12,14 @@ if TYPE_CHECKING:
 MAY_CHANGE = ("config.device", "config.progress", "config.data.root", "config.data.download",
               "config.checkpoint_every_steps", "config.tensorboard", "config.tensorboard_every", "device", "torch")
 # Settings added after runs were recorded, with the value those runs had, so that a record without the
-# setting is the same run as one with this value: dotted key -> (method the key belongs to, or None for
-# every run, value).
-ABSENT_MEANS: dict[str, tuple[Optional[str], Any]] = {"config.distributed.sync_bn": (None, False),
-                                                      "config.optim.ema_decay": (None, 0.0),
-                                                      "method.start": ("uiat-fgsm", "random")}
+# setting is the same run as one with this value: dotted key -> (the methods the key belongs to, or None
+# for every run, value).
+ABSENT_MEANS: dict[str, tuple[Optional[tuple[str, ...]], Any]] = {
+    "config.distributed.sync_bn": (None, False),
+    "config.optim.ema_decay": (None, 0.0),
+    "method.start": (("uiat-fgsm",), "random"),
+    "method.mart_weight": (("iat-mart", "iat-mart+awp"), "inverse"),  # iat 0.1 weighed by 1 - p_y(x~)
+}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -37,7 +40,7 @@ def identity(record: RunRecord) -> dict[str, Any]:
     if record.data is not None:
         tree["data"] = {k: record.data.get(k) for k in ("name", "train", "val", "test")}
     name = (record.method or {}).get("name")
-    absent = {k: v for k, (method, v) in ABSENT_MEANS.items() if method in (None, name)}
+    absent = {k: v for k, (methods, v) in ABSENT_MEANS.items() if methods is None or name in methods}
     flat = {**absent, **_flat(json.loads(json.dumps(tree)))}  # tuples become lists, as in the saved file
     return {k: v for k, v in flat.items() if k not in MAY_CHANGE}
 

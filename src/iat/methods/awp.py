@@ -12,7 +12,8 @@ Per batch, following the reference code (csdongxian/AWP):
 4. the trainer's backward and optimizer step run at w + v, then v is taken off again - in a `finally`
    of `step_context`, so also when the loss, the backward or the optimizer step raises.
 Defaults per host follow the authors' code (HOST_DEFAULTS: AT-AWP gamma 1e-2 from the start, TRADES-AWP
-gamma 5e-3 after 10 of 200 epochs, i.e. awp_warmup 0.05 of training; the trainer calls `at_step`). X's options pass through: `create_method("trades+awp", beta=6, gamma=5e-3)`.
+gamma 5e-3 from the 10th of 200 epochs, the reference's `epoch >= 10` over epochs 1..200, i.e. awp_warmup
+9/200 = 0.045 of training; the trainer calls `at_step`). X's options pass through: `create_method("trades+awp", beta=6, gamma=5e-3)`.
 AWP wraps X by composition (`AWP(inner=X)`); X must split `craft` from `objective` (gradalign cannot).
 """
 from __future__ import annotations
@@ -204,10 +205,12 @@ class AWP(Method):
 
 
 # (gamma, warm-up as a fraction of training) per host, from the authors' code: AT-AWP gamma 1e-2 from the
-# first epoch; TRADES-AWP gamma 5e-3, starting after 10 of 200 epochs. MART has no AWP setting of its
-# authors; its consistency term is TRADES', so it takes TRADES-AWP's.
-HOST_DEFAULTS = {"pgd-at": (1e-2, 0.0), "iat": (1e-2, 0.0), "trades": (5e-3, 0.05), "iat-trades": (5e-3, 0.05),
-                 "mart": (5e-3, 0.05), "iat-mart": (5e-3, 0.05)}
+# first epoch; TRADES-AWP gamma 5e-3 from `epoch >= 10` in a loop over epochs 1..200, i.e. from the 10th
+# epoch, after 9 of 200 are done (0.045; iat 0.1 waited for 10, one epoch late). MART has no AWP setting of
+# its authors; its consistency term is TRADES', so it takes TRADES-AWP's.
+TRADES_WARMUP = 9 / 200
+HOST_DEFAULTS = {"pgd-at": (1e-2, 0.0), "iat": (1e-2, 0.0), "trades": (5e-3, TRADES_WARMUP),
+                 "iat-trades": (5e-3, TRADES_WARMUP), "mart": (5e-3, TRADES_WARMUP), "iat-mart": (5e-3, TRADES_WARMUP)}
 
 
 def register_awp(name: str) -> type[AWP]:
@@ -221,7 +224,7 @@ def register_awp(name: str) -> type[AWP]:
 
     Recipe.__name__ = Recipe.__qualname__ = f"{inner.__name__}AWP"
     text = f"{name} with adversarial weight perturbation, gamma {gamma:g}" + (
-        f" after {warmup:.0%} of training" if warmup else "") + " (Wu et al. 2020)"
+        f" after {warmup:.1%} of training" if warmup else "") + " (Wu et al. 2020)"
     return METHODS.register(f"{name}+awp", help=text)(Recipe)
 
 

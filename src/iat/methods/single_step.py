@@ -15,7 +15,7 @@ and `steps` (recorded, shared with the multi-step methods) are not used by these
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +108,14 @@ def alignment_penalty(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
 FIRST_GRADS = ("detached", "graph")
 
 
-@METHODS.register("gradalign", help="FGSM + gradient-alignment regulariser, lambda 0.2 (Andriushchenko & Flammarion 2020)")
+def default_align_lambda(eps: float) -> float:
+    """The authors' rule for GradAlign's weight: 0.02 * 10^(eps * 255 / 8), i.e. 0.2 at 8/255 and 2.0 at
+    16/255 (their scripts for other radii); rounded to 12 significant digits so that 8/255 gives 0.2 exactly."""
+    return float(f"{0.02 * 10 ** (eps * 255 / 8):.12g}")
+
+
+@METHODS.register("gradalign", help="FGSM + gradient-alignment regulariser, lambda 0.02*10^(eps*255/8) "
+                  "(Andriushchenko & Flammarion 2020)")
 @dataclasses.dataclass
 class GradAlign(SingleStep):
     """Andriushchenko & Flammarion 2020, "Understanding and Improving Fast Adversarial Training".
@@ -120,17 +127,21 @@ class GradAlign(SingleStep):
     the examples whose two gradients are nonzero.
     first_grad: "detached" (default, the authors' code: g1 is a constant, only g2 is double-backpropagated)
       or "graph" (iat 0.1: g1 is differentiated too, which roughly doubles the regulariser's weight gradient).
-    align_lambda: 0.2, the authors' value at eps 8/255 (2.0 at 16/255; their rule 0.02 * 10^(eps*255/8)
-    is fitted to CIFAR-10). The gradients are computed in the model's current (train) mode.
+    align_lambda: the regulariser's weight; default (None) the authors' rule 0.02 * 10^(eps*255/8) from the run's
+    eps (0.2 at 8/255, 2.0 at 16/255; fitted to CIFAR-10), resolved once when the method is built, so results
+    files record the value used; an explicit value wins. The gradients are computed in the model's current
+    (train) mode.
     """
 
     random_start: bool = False
     step_scale: float = 1.0
-    align_lambda: float = 0.2
+    align_lambda: Optional[float] = None
     first_grad: str = "detached"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.align_lambda is None:  # from the run's eps (not the warm-up's ramped one: built before it)
+            self.align_lambda = default_align_lambda(self.threat.eps)
         if self.first_grad not in FIRST_GRADS:
             raise UsageError(f"first_grad must be one of {FIRST_GRADS}, got {self.first_grad!r}")
 

@@ -169,6 +169,17 @@ def nest(dotted: str, value: Any) -> dict:
     return {head: nest(rest, value) if rest else value}
 
 
+def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict[str, Any]:
+    """json.loads' object hook: a key given twice in one object is refused, as TOML refuses it
+    (json alone would keep the last value silently)."""
+    table: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in table:
+            raise UsageError(f"config file {path}: key {key!r} appears twice in one table; keep one")
+        table[key] = value
+    return table
+
+
 def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
     """Parse a TOML or JSON config file into a dict; a malformed file is a one-line error."""
     path = Path(path)
@@ -178,11 +189,18 @@ def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
         raise UsageError(f"config file {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        if path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
+        else:
+            data = tomllib.loads(text)
     except UnicodeDecodeError:
         raise UsageError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise UsageError(f"config file {path} is malformed: {err}") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"config file {path} is malformed: {err.msg} at line {err.lineno}, column {err.colno}"
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"config file {path} is malformed: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a table of settings")
     return data

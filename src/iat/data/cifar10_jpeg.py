@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import UsageError
 from .cifar import CIFAR10_CLASSES
 from .core import DATASETS, DataBundle, register_fetcher
-from .files import atomic_path, log
+from .files import atomic_path, damage, log
 from .imagefolder import has_tree, load_imagefolder
 
 ARCHIVE = "cifar10-jpeg.tar.gz"
@@ -56,6 +56,9 @@ def fetch_cifar10_jpeg(root: Path) -> Path:
     """Copy the shared developer archive into root/cifar10-jpeg/ (there is no public download)."""
     found = _in_root(root)
     if found is not None:
+        problem = None if found.is_dir() else damage(found)
+        if problem is not None:
+            raise UsageError(f"{found} {problem}; delete it and run `iat data fetch cifar10-jpeg --root {root}` again")
         log(f"cifar10-jpeg is already at {found}")
         return found if found.is_dir() else found.parent
     if not SHARED_COPY.is_file():

@@ -112,6 +112,35 @@ def mark_verified(path: Path, expected: str) -> None:
         atomic_write_bytes(path.parent / MARKER, json.dumps(marker, indent=1, sort_keys=True).encode())
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+FETCH_AGAIN = "fetch it again or put a good copy in its place (README.md, section Data)"
+
+
+def damage(path: Path) -> str | None:
+    """What is plainly wrong with a data file, from its size and first bytes: 'is empty (0 bytes)' or
+    'is not a gzip file' (for a .gz/.tgz name); None when neither (a digest or a reader must tell)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(len(GZIP_MAGIC))
+    except OSError:
+        return None
+    if size == 0:
+        return "is empty (0 bytes)"
+    if path.name.lower().endswith((".gz", ".tgz")) and head != GZIP_MAGIC:
+        return "is not a gzip file"
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message fit for a one-line error: tarfile's 'r:*' lists every method it tried,
+    one per line, which says no more than 'no tar format reads it'."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return "no tar format (plain, gzip, bzip2, xz) can read it"
+    return lines[0] if lines else type(err).__name__
+
+
 def check_md5(path: Path, expected: str | None, hint: str, digest: Callable[[Path], str] = md5_file) -> None:
     """Raise UsageError unless digest(path) == expected; unchanged files verified before are not rehashed.
 
@@ -121,6 +150,9 @@ def check_md5(path: Path, expected: str | None, hint: str, digest: Callable[[Pat
         return
     actual = digest(path)
     if actual != expected:
+        problem = damage(path)
+        if problem is not None:
+            raise UsageError(f"{path} {problem}; delete it and fetch it again ({hint})")
         raise UsageError(
             f"{path}: md5 is {actual}, expected {expected}; the file is damaged or not the official one, "
             f"delete it and fetch again ({hint})"
@@ -177,8 +209,11 @@ def reading_archive(archive: Path) -> Iterator[None]:
         raise
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         if type(e).__name__.endswith("FilterError"):
-            raise UsageError(f"refusing archive {archive}: {e}") from e
-        raise UsageError(f"archive {archive} is truncated or corrupt ({e}); delete it and get it again") from e
+            raise UsageError(f"refusing archive {archive}: {one_line(e)}") from e
+        problem = damage(archive)
+        if problem is not None:
+            raise UsageError(f"archive {archive} {problem}; {FETCH_AGAIN}") from e
+        raise UsageError(f"archive {archive} is truncated or corrupt ({one_line(e)}); {FETCH_AGAIN}") from e
 
 
 def iter_tar(archive: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:

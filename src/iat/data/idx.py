@@ -15,16 +15,20 @@ import numpy as np
 
 from ..errors import UsageError
 from ..records import atomic_write_bytes
+from .files import FETCH_AGAIN, damage, one_line
 
 _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CODES = {np.dtype(v).newbyteorder("="): k for k, v in _DTYPES.items()}
 
 
 def _read_bytes(path: Path) -> bytes:
+    problem = damage(path)  # an empty file, or a .gz that is no gzip, said as such
+    if problem is not None:
+        raise UsageError(f"{path} {problem}; {FETCH_AGAIN}")
     try:
         return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
-        raise UsageError(f"{path} is truncated or not a valid gzip file ({e}); delete it and fetch again") from e
+        raise UsageError(f"{path} is truncated or not a valid gzip file ({one_line(e)}); {FETCH_AGAIN}") from e
 
 
 def read_idx(path: Path) -> np.ndarray:

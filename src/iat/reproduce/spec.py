@@ -98,19 +98,124 @@ def builtin_tables() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SPEC_DIR.glob("*.toml"))}
 
 
+def spec_path(name: str, relative_to: Optional[Path] = None) -> Path:
+    """A spec file by path (relative to `relative_to`'s folder if given and the file is there), else a
+    built-in table by name."""
+    for path in ([relative_to.parent / name] if relative_to is not None else []) + [Path(name)]:
+        if path.is_file():
+            return path
+    tables = builtin_tables()
+    if name not in tables:
+        raise UsageError(f"no table {name!r}: give a spec file or one of {', '.join(tables)} (iat reproduce --list)")
+    return tables[name]
+
+
+KNOWN_KEYS = {"title", "seeds", "config", "cells", "evals", "checkpoints", "compare", "sweeps", "notes"}
+EXTENDING_KEYS = {"extends", "drop_cells"}
+
+
+def read_raw_spec(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A spec file's tables with its `extends` chain merged in (see `extend_spec`); keys checked per file."""
+    raw = C.read_config_file(path)
+    unknown = set(raw) - KNOWN_KEYS - EXTENDING_KEYS
+    if unknown:
+        raise UsageError(f"{path}: unknown keys {sorted(unknown)}; a table spec has "
+                         f"{sorted(KNOWN_KEYS | EXTENDING_KEYS)}")
+    if "extends" not in raw:
+        if "drop_cells" in raw:
+            raise UsageError(f"{path}: drop_cells needs extends = \"<base table>\" (cells of which spec?)")
+        return raw
+    base_name = raw.pop("extends")
+    if not isinstance(base_name, str) or not base_name:
+        raise UsageError(f"{path}: extends must name a table or spec file, got {base_name!r}")
+    base_path = spec_path(base_name, relative_to=path)
+    here = path.resolve()
+    if base_path.resolve() in chain + (here,):
+        names = " -> ".join(p.name for p in chain + (here, base_path.resolve()))
+        raise UsageError(f"{path}: extends makes a loop ({names}); a spec cannot extend itself")
+    try:
+        return extend_spec(read_raw_spec(base_path, chain + (here,)), raw)
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from None
+
+
+def _merge_tables(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Nested tables merged key by key; any other value of `over` replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (_merge_tables(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
+    return out
+
+
+def _by_name(base: list[Any], over: list[Any], key: str, what: str) -> list[Any]:
+    """Arrays of tables merged by a key: an entry of `over` replaces the base's entry with the same key
+    (in its place), others are appended in order."""
+    for item in (*base, *over):
+        if not isinstance(item, dict):
+            raise UsageError(f"{what} must be a list of tables ([[{what}]]), got {item!r}")
+    out = [dict(item) for item in base]
+    for item in over:
+        at = next((i for i, old in enumerate(out) if old.get(key, "") == item.get(key, "")), None)
+        if at is None:
+            out.append(dict(item))
+        else:
+            out[at] = dict(item)
+    return out
+
+
+def extend_spec(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """The spec that `child` (a spec with `extends = base`) describes.
+
+    title, seeds, checkpoints, notes: the child's if given. [config]: tables merged key by key (the child's
+    values win). drop_cells: base cells left out, with the compares that name them and their place in the
+    sweeps (a sweep left with no cell goes too). [[cells]] and [[evals]]: merged by name (a child entry replaces the base's of that name, new
+    names are appended). [[compare]]: the child's are appended (an identical one is kept once). [[sweeps]]:
+    merged by option.
+    """
+    drop = child.pop("drop_cells", [])
+    if not isinstance(drop, list) or not all(isinstance(d, str) for d in drop):
+        raise UsageError(f"drop_cells must be a list of cell names, got {drop!r}")
+    names = [c.get("name") for c in _by_name(base.get("cells", []), [], "name", "cells")]
+    unknown = sorted(set(drop) - set(names))
+    if unknown:
+        raise UsageError(f"drop_cells names {unknown}, which the base spec does not have (its cells: {names})")
+    out = {k: v for k, v in base.items()}
+    for key in ("title", "seeds", "checkpoints", "notes"):
+        if key in child:
+            out[key] = child[key]
+    if "config" in child:
+        if not isinstance(child["config"], dict):
+            raise UsageError(f"config must be a table, got {child['config']!r}")
+        out["config"] = _merge_tables(base.get("config", {}), child["config"])
+    cells = [c for c in _by_name(base.get("cells", []), [], "name", "cells") if c.get("name") not in drop]
+    out["cells"] = _by_name(cells, child.get("cells", []), "name", "cells")
+    out["evals"] = _by_name(base.get("evals", []), child.get("evals", []), "name", "evals")
+    compare = [c for c in _by_name(base.get("compare", []), [], "claim", "compare")
+               if not {c.get("base"), c.get("ours")} & set(drop)]
+    for item in _typed(child, "compare", list, []):
+        if not isinstance(item, dict):
+            raise UsageError(f"compare must be a list of tables ([[compare]]), got {item!r}")
+        if item not in compare:
+            compare.append(dict(item))
+    out["compare"] = compare
+    sweeps = []
+    for sweep in _by_name(base.get("sweeps", []), [], "option", "sweeps"):
+        kept = dict(sweep, cells=[c for c in sweep.get("cells", []) if c not in drop])
+        if kept.get("reference") in drop:
+            kept.pop("reference")
+        if kept["cells"]:  # a sweep whose every cell was dropped is dropped too
+            sweeps.append(kept)
+    out["sweeps"] = _by_name(sweeps, child.get("sweeps", []), "option", "sweeps")
+    return {k: v for k, v in out.items() if v != [] or k in base or k in child}
+
+
 def load_spec(name: str) -> TableSpec:
     """A built-in table by name, or a TOML spec file by path; every field, cell config and eval attack is
-    checked here, so a bad value fails at once, not an hour into the run."""
-    path = Path(name)
-    if not path.is_file():
-        tables = builtin_tables()
-        if name not in tables:
-            raise UsageError(f"no table {name!r}: give a spec file or one of {', '.join(tables)} (iat reproduce --list)")
-        path = tables[name]
-    raw = C.read_config_file(path)
-    known = {"title", "seeds", "config", "cells", "evals", "checkpoints", "compare", "sweeps", "notes"}
-    if set(raw) - known:
-        raise UsageError(f"{path}: unknown keys {sorted(set(raw) - known)}; a table spec has {sorted(known)}")
+    checked here, so a bad value fails at once, not an hour into the run. A spec may `extends` another
+    (`extend_spec`)."""
+    path = spec_path(name)
+    raw = read_raw_spec(path)
     try:
         spec = _parse(raw, path)
     except UsageError as err:

@@ -12,7 +12,7 @@ Target (docs/METHOD.md): uiat-fgsm at most 10% more time per step than fgsm-rs.
 
     PYTHONPATH=src:benchmarks python benchmarks/method_cost.py --paired-models cnn:128 resnet18:16
 
-measures only the interleaved pairs (uiat-fgsm start=inverse and start=random against fgsm-rs, same model,
+measures only the interleaved pairs (uiat-fgsm start=inverse, inverse-noise and random against fgsm-rs, same model,
 same batch, the order inside a pair alternating) on each MODEL:BATCH, and adds them to the JSON under
 "paired_by_model", keeping what it already holds for the other methods.
 """
@@ -37,9 +37,11 @@ from iat.models import create_model
 # Extra entries besides the registered recipes: name -> (recipe, options), to split uiat's cost.
 VARIANTS = {"uiat-fgsm[detach_inverse]": ("uiat-fgsm", {"detach_inverse": True}),
             "uiat-fgsm[inverse_grad=kl]": ("uiat-fgsm", {"inverse_grad": "kl"}),
-            "uiat-fgsm[start=inverse]": ("uiat-fgsm", {"start": "inverse"})}
-FOCUS = ["fgsm-rs", "uiat-fgsm", "uiat-fgsm[detach_inverse]", "uiat-fgsm[inverse_grad=kl]", "uiat-fgsm[start=inverse]"]
-PAIRED = ["uiat-fgsm[start=inverse]", "uiat-fgsm"]  # --paired-models: each against fgsm-rs
+            "uiat-fgsm[start=inverse]": ("uiat-fgsm", {"start": "inverse"}),
+            "uiat-fgsm[start=inverse-noise]": ("uiat-fgsm", {"start": "inverse-noise"})}
+FOCUS = ["fgsm-rs", "uiat-fgsm", "uiat-fgsm[detach_inverse]", "uiat-fgsm[inverse_grad=kl]", "uiat-fgsm[start=inverse]",
+         "uiat-fgsm[start=inverse-noise]"]
+PAIRED = ["uiat-fgsm[start=inverse]", "uiat-fgsm[start=inverse-noise]", "uiat-fgsm"]  # --paired-models: each against fgsm-rs
 TARGET = 1.10
 
 
@@ -193,7 +195,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="*", help="default: every registered method plus the uiat variants")
     p.add_argument("--paired-models", nargs="*", metavar="MODEL:BATCH",
-                   help="only the interleaved pairs of uiat-fgsm (start=inverse, start=random) vs fgsm-rs per model")
+                   help="only the interleaved pairs of uiat-fgsm (start=inverse, inverse-noise, random) vs fgsm-rs per model")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "method_cost.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -28,7 +28,8 @@ from .base import METHODS, Crafted, Method, Metrics, mean_acc, resolve
 from .single_step import HOSTS
 
 INVERSE_GRADS = ("ce", "kl")
-STARTS = ("random", "inverse")
+STARTS = ("random", "inverse", "inverse-noise")
+CRAFTED_STARTS = ("inverse", "inverse-noise")  # the starts whose one crafting pass also serves U and the teacher
 
 
 class UniversalPerturbation:
@@ -115,6 +116,11 @@ class UIATFGSM(Method):
       eps-ball around x unless the host does not project, as n-fgsm; then [0, 1]); U's update descends g
       (the rule above, inverse_grad "ce"); and its logits, detached, are the teacher p(x~), so detach_inverse
       is implied. Cost: the host's own two forward+backward passes plus element-wise work.
+      "inverse-noise": as "inverse", begun at x + U[y] plus the host's uniform noise (fgsm-rs: in the eps-ball,
+      n-fgsm: in 2 eps; fgsm-at, which has none, takes fgsm-rs's), projected into the eps-ball around x (n-fgsm:
+      its noise ball) and [0, 1]. It keeps the random start that FGSM-RS relies on against catastrophic
+      overfitting, at the same cost; the one pass is at that noisy start, so U's gradient and the teacher are
+      taken there (the teacher is p(x + U[y] + noise), not p(x~)).
     Metric u_skipped: the fraction of steps whose U update (reported one step later) met a class with
     non-finite gradient statistics (an fp16 overflow step) and left that class's U and momentum as they were.
     """
@@ -134,7 +140,7 @@ class UIATFGSM(Method):
             raise UsageError(f"host must be one of {HOSTS}, got {self.host!r}")
         if self.start not in STARTS:
             raise UsageError(f"start must be one of {STARTS}, got {self.start!r}")
-        if self.start == "inverse":
+        if self.start in CRAFTED_STARTS:
             if self.inverse_grad != "ce":
                 raise UsageError("start 'inverse' drives U with the crafting gradient of CE at x~: "
                                  f"inverse_grad must be 'ce', got {self.inverse_grad!r}")
@@ -156,8 +162,8 @@ class UIATFGSM(Method):
     @classmethod
     def build(cls, threat: ThreatModel, **options: Any) -> "UIATFGSM":
         """As Method.build; an explicit detach_inverse=false contradicts start 'inverse' (refused, not overridden)."""
-        if options.get("start") == "inverse" and options.get("detach_inverse") is False:
-            raise UsageError("start 'inverse' takes the teacher p(x~) from the crafting pass, so it is always "
+        if options.get("start") in CRAFTED_STARTS and options.get("detach_inverse") is False:
+            raise UsageError(f"start {options['start']!r} takes the teacher p(x~) from the crafting pass, so it is always "
                              "detached: drop detach_inverse=false")
         return super().build(threat, **options)
 
@@ -168,8 +174,9 @@ class UIATFGSM(Method):
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
         """start "random": x' from the host; x~ = x + U[y] costs nothing to craft and is made in the objective
-        (U needs the model's output width on the first batch). start "inverse": see _craft_from_inverse."""
-        if self.start == "inverse":
+        (U needs the model's output width on the first batch). start "inverse"/"inverse-noise": see
+        _craft_from_inverse."""
+        if self.start in CRAFTED_STARTS:
             return self._craft_from_inverse(model, x, y)
         return {"x_adv": self.attack()(model, x, y)}
 
@@ -182,6 +189,8 @@ class UIATFGSM(Method):
         else:
             self.universal.ensure(x, self.universal.delta.shape[0])  # next to x, input shape checked
             x_inv = self.universal.inverse_example(x, y)
+        if self.start == "inverse-noise":
+            x_inv = self._noisy_start(fgsm, x, x_inv)
         with crafting_mode(net, fgsm.bn_mode):
             x_inv.requires_grad_(True)
             logits_inv = net(x_inv)
@@ -190,6 +199,13 @@ class UIATFGSM(Method):
         self._pending = (grad, y)
         x_adv = x + fgsm.step(x, x_inv.detach() - x, grad)  # the engine's step: +alpha sign(g), ball, [0, 1]
         return {"x_adv": x_adv.detach(), "logits_inv": logits_inv.detach()}
+
+    def _noisy_start(self, fgsm: PGD, x: torch.Tensor, x_inv: torch.Tensor) -> torch.Tensor:
+        """x + U[y] + the host's uniform noise (fgsm-rs's for a host without one), in the host's ball and [0, 1]."""
+        noisy = fgsm if fgsm.random_start and fgsm.init_scale > 0 else self.attack(random_start=True, init_scale=1.0)
+        radius = fgsm.eps * (1.0 if fgsm.project else max(noisy.init_scale, 1.0))
+        delta = ((x_inv - x) + noisy.init_delta(x)).clamp(-radius, radius)
+        return (x + delta).clamp(0, 1)
 
     def _ensure(self, x: torch.Tensor, width: int) -> None:
         """U for a model of `width` logits (created on the first batch, else checked)."""
@@ -201,7 +217,7 @@ class UIATFGSM(Method):
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
         logits_adv = model(crafted["x_adv"])
         self._ensure(x, logits_adv.shape[1])
-        if self.start == "inverse":
+        if self.start in CRAFTED_STARTS:
             logits_inv = crafted["logits_inv"]  # the teacher from the crafting pass, detached
         else:
             x_inv = self.universal.inverse_example(x, y).requires_grad_(True)

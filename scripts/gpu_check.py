@@ -8,7 +8,10 @@ pgd-at, iat and uiat-fgsm on ResNet-18, 3x32x32 input, batch 512, in fp32, bf16,
 bf16+channels_last+compile (interleaved rounds, medians); (3) pgd-at and iat with the paper's settings
 (configs/cifar10-resnet18-*.toml) on the CIFAR-10 JPEG copy except the number of epochs, which is chosen
 from the measured fp32 throughput so that both runs fit in the time left, then `iat eval` with PGD-20 and
-CW on 1,000 test images; (4) OUT/gpu_check.json and OUT/gpu_check.md. Training and evaluation go through
+CW on 1,000 test images; (4) OUT/gpu_check.json and OUT/gpu_check.md. Each stage runs on its own: one that
+fails, raises, or needs a tool that is not installed (pytest: pip install -e '.[gpu-check]') is recorded in
+both reports as failed or skipped with a one-line reason (`stages` in the JSON), the others still run, and
+the exit status is nonzero unless every stage ran and passed. Training and evaluation go through
 `iat train` / `iat eval` (in this process), so this checks the code a user runs. --smoke swaps in synthetic data, the small
 CNN, tiny batches and the "eager" torch.compile backend (inductor would compile for minutes on a CPU).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import math
@@ -41,6 +45,58 @@ FULL = {"budget_s": 540, "device": "cuda", "model": "resnet18", "batch": 512, "s
 SMOKE = {"budget_s": 55, "device": "cpu", "model": "cnn", "batch": 4, "steps": 1, "warmup": 0, "timed": 1,
          "eval_examples": 16, "reserve_s": 0}
 CIFAR_TRAIN = 49_000  # 50,000 minus the configs' 1,000 held out for validation
+INSTALL = "pip install -e '.[gpu-check]'"
+
+
+class StageSkipped(Exception):
+    """A stage that cannot run here (a tool is missing); its message is the one-line reason."""
+
+
+class StageFailed(Exception):
+    """A stage that ran and found a failure; its message is the one-line reason, `result` what it measured."""
+
+    def __init__(self, reason: str, result: Any = None):
+        super().__init__(reason)
+        self.result = result
+
+
+def have(module: str) -> bool:
+    """Whether `import module` works in this Python (the subprocesses run the same interpreter)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def run_stages(stages: list[tuple[str, Any]], result: dict[str, Any], budget_s: float) -> dict[str, dict[str, Any]]:
+    """Run each (name, fn(left_seconds)) in turn; an exception in one is recorded and never stops the others.
+    result[name] gets what the stage returned (None when it did not finish); the returned record says per stage
+    status ("ok", "failed", "skipped"), the one-line reason and the seconds it took."""
+    start, record = time.perf_counter(), {}
+    for name, fn in stages:
+        t0 = time.perf_counter()
+        print(f"gpu_check: {name} ...", flush=True)
+        entry: dict[str, Any] = {"status": "ok", "reason": None}
+        try:
+            result[name] = fn(budget_s - (t0 - start))
+        except StageSkipped as err:
+            result[name], entry = None, {"status": "skipped", "reason": str(err)}
+        except StageFailed as err:
+            result[name], entry = err.result, {"status": "failed", "reason": str(err)}
+        except Exception as err:  # a crash in one stage is a finding, reported with the others
+            traceback.print_exc()
+            result[name], entry = None, {"status": "failed", "reason": one_line(err)}
+        entry["seconds"] = time.perf_counter() - t0
+        record[name] = entry
+        if entry["status"] != "ok":
+            print(f"gpu_check: {name} {entry['status']}: {entry['reason']}", flush=True)
+    return record
 
 
 def run(cmd: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -72,16 +128,27 @@ def iat(argv: list[str], log: Path) -> int:
 
 # ----------------------------------------------------------------- (1) CUDA tests
 def stage_tests(out: Path, left: float) -> dict[str, Any]:
+    if not have("pytest"):
+        raise StageSkipped(f"pytest is not installed: {INSTALL}")
     xml = out / "gpu_tests.xml"
+    xml.unlink(missing_ok=True)
     done = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu.py",
                 f"--junitxml={xml}"], out / "gpu_tests.log", left)
+    if not xml.is_file():
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1][:300]
+        raise StageFailed(f"pytest exited {done.returncode} without a report ({last}); see gpu_tests.log")
     suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     failed = [f"{c.get('name')}" for c in suite.iter("testcase") if c.find("failure") is not None
               or c.find("error") is not None]
-    return {"returncode": done.returncode, **counts, "passed": counts["tests"] - counts["failures"] - counts["errors"]
-            - counts["skipped"], "failed": failed, "log": "gpu_tests.log"}
+    found = {"returncode": done.returncode, **counts, "passed": counts["tests"] - counts["failures"]
+             - counts["errors"] - counts["skipped"], "failed": failed, "log": "gpu_tests.log"}
+    if not have("autoattack"):
+        found["note"] = f"pyautoattack is not installed, so test_autoattack_on_cuda skips: {INSTALL}"
+    if failed or counts["failures"] + counts["errors"]:
+        raise StageFailed(f"{len(failed)} of {counts['tests']} CUDA tests failed: {', '.join(failed)}", found)
+    return found
 
 
 # ----------------------------------------------------------------- (2) throughput
@@ -145,10 +212,11 @@ def train_args(method: str, epochs: int, data: Path | None, out: Path, smoke: bo
     return args + ["--dataset", "cifar10-jpeg", "--data-dir", str(data)]
 
 
-def stage_training(rows: list[dict[str, Any]], left: float, size: dict[str, Any], data: Path | None,
+def stage_training(rows: list[dict[str, Any]] | None, left: float, size: dict[str, Any], data: Path | None,
                    out: Path) -> dict[str, Any]:
     smoke = data is None
-    epochs = 1 if smoke else choose_epochs(rows, left, size, CIFAR_TRAIN)
+    measured = {r["method"] for r in rows or [] if r["option"] == "fp32"} >= set(TRAINED)
+    epochs = 1 if smoke or not measured else choose_epochs(rows, left, size, CIFAR_TRAIN)
     runs = []
     for method in TRAINED:
         folder, t0 = out / "train" / method, time.perf_counter()
@@ -157,7 +225,14 @@ def stage_training(rows: list[dict[str, Any]], left: float, size: dict[str, Any]
                      "log": f"train-{method}.log"})
         if rc == 0:
             runs[-1].update(evaluate(folder, size, out / f"eval-{method}.log"))
-    return {"epochs": epochs, "data": "synthetic" if smoke else "cifar10-jpeg (CIFAR-10 JPEG q75 copy)", "runs": runs}
+    found = {"epochs": epochs, "data": "synthetic" if smoke else "cifar10-jpeg (CIFAR-10 JPEG q75 copy)", "runs": runs}
+    if not smoke and not measured:
+        found["note"] = "no fp32 throughput measured, so 1 epoch each"
+    bad = [f"{r['method']} train (see {r['log']})" if r["returncode"] else f"{r['method']} eval (see eval-{r['method']}.log)"
+           for r in runs if r["returncode"] != 0 or r.get("eval_returncode") != 0]
+    if bad:
+        raise StageFailed(f"failed: {', '.join(bad)}", found)
+    return found
 
 
 def evaluate(run_dir: Path, size: dict[str, Any], log: Path) -> dict[str, Any]:
@@ -179,27 +254,58 @@ def evaluate(run_dir: Path, size: dict[str, Any], log: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------- (4) report
+STAGE_TITLES = {"tests": "CUDA tests (`pytest -m gpu`)", "throughput": "Throughput", "training": "Short training"}
+
+
 def markdown(result: dict[str, Any]) -> str:
-    t, env = result["tests"], result["environment"]
+    env, stages = result["environment"], result.get("stages", {})
     lines = [f"# GPU check{' (smoke: CPU, toy size)' if result['smoke'] else ''}", "",
              f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, {result['seconds']['total']:.0f} s in all.", "",
-             f"CUDA tests (`pytest -m gpu`): {t['passed']} passed, {t['failures'] + t['errors']} failed, "
-             f"{t['skipped']} skipped" + (f" (failed: {', '.join(t['failed'])})" if t["failed"] else ""), "",
-             f"Throughput, one training step, {result['size']['model']}, batch {result['size']['batch']} (images/s):",
+             "| stage | status | reason |", "|---|---|---|"]
+    for name, st in stages.items():
+        lines.append(f"| {name} | {st['status']} | {st['reason'] or ''} |")
+    lines.append("")
+    for name, section in (("tests", _md_tests), ("throughput", _md_throughput), ("training", _md_training)):
+        st = stages.get(name, {"status": "ok"})
+        if result.get(name) is None:
+            lines += [f"{STAGE_TITLES[name]}: {st['status']}: {st.get('reason') or 'no result'}", ""]
+            continue
+        try:
+            lines += section(result) + [""]
+        except Exception as err:  # a partial result still leaves the rest of the report
+            lines += [f"{STAGE_TITLES[name]}: (report not drawn: {one_line(err)})", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _md_tests(result: dict[str, Any]) -> list[str]:
+    t = result["tests"]
+    line = (f"CUDA tests (`pytest -m gpu`): {t['passed']} passed, {t['failures'] + t['errors']} failed, "
+            f"{t['skipped']} skipped" + (f" (failed: {', '.join(t['failed'])})" if t["failed"] else ""))
+    return [line] + ([f"Note: {t['note']}"] if t.get("note") else [])
+
+
+def _md_throughput(result: dict[str, Any]) -> list[str]:
+    lines = [f"Throughput, one training step, {result['size']['model']}, batch {result['size']['batch']} (images/s):",
              "", "| method | " + " | ".join(OPTIONS) + " |", "|---|" + "---:|" * len(OPTIONS)]
     for method in METHODS:
         cells = {r["option"]: r for r in result["throughput"] if r["method"] == method}
         lines.append(f"| {method} | " + " | ".join(f"{cells[o]['images_per_second']:.0f} "
-                                                   f"({cells[o]['speedup_vs_fp32']:.2f}x)" for o in OPTIONS) + " |")
+                                                   f"({cells[o]['speedup_vs_fp32']:.2f}x)" if o in cells else "-"
+                                                   for o in OPTIONS) + " |")
+    return lines
+
+
+def _md_training(result: dict[str, Any]) -> list[str]:
     tr = result["training"]
-    lines += ["", f"Short training on {tr['data']}, {tr['epochs']} epoch(s), then `iat eval` of the best checkpoint:", "",
-              "| method | epochs | layout | train s | natural | PGD-20 | CW | examples |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [f"Short training on {tr['data']}, {tr['epochs']} epoch(s), then `iat eval` of the best checkpoint:", "",
+             "| method | epochs | layout | train s | natural | PGD-20 | CW | examples |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in tr["runs"]:
         acc = r.get("accuracy", {})
         cells = [f"{acc[k]:.2%}" if k in acc else "failed" for k in ("natural", "pgd20", "cw")]
         lines.append(f"| {r['method']} | {r['epochs']} | {r.get('layout', '-')} | {r.get('train_seconds', 0):.0f} | "
                      + " | ".join(cells) + f" | {r.get('eval_examples', '-')} |")
-    return "\n".join(lines) + "\n"
+    return lines + ([f"Note: {tr['note']}"] if tr.get("note") else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,24 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from common import environment
 
-    start, seconds = time.perf_counter(), {}
+    start = time.perf_counter()
     result: dict[str, Any] = {"kind": "iat-gpu-check", "smoke": args.smoke, "size": size,
                               "environment": environment(torch.device(size["device"]))}
-    for stage, fn in (("tests", lambda left: stage_tests(out, left)),
-                      ("throughput", lambda left: stage_throughput(size, args.smoke)),
-                      ("training", lambda left: stage_training(result["throughput"], left - size["reserve_s"],
-                                                               size, data, out))):
-        t0 = time.perf_counter()
-        print(f"gpu_check: {stage} ...", flush=True)
-        result[stage] = fn(size["budget_s"] - (t0 - start))
-        seconds[stage] = time.perf_counter() - t0
-    result["seconds"] = {**seconds, "total": time.perf_counter() - start}
+    stages = [("tests", lambda left: stage_tests(out, left)),
+              ("throughput", lambda left: stage_throughput(size, args.smoke)),
+              ("training", lambda left: stage_training(result.get("throughput"), left - size["reserve_s"],
+                                                       size, data, out))]
+    result["stages"] = run_stages(stages, result, size["budget_s"])
+    result["seconds"] = {**{k: v["seconds"] for k, v in result["stages"].items()},
+                         "total": time.perf_counter() - start}
+    result["ok"] = all(st["status"] == "ok" for st in result["stages"].values())
     (out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "gpu_check.md").write_text(markdown(result))
     print(markdown(result))
-    ok = result["tests"]["failures"] + result["tests"]["errors"] == 0 and all(
-        r["returncode"] == 0 and r.get("eval_returncode") == 0 for r in result["training"]["runs"])
-    return 0 if ok else 1
+    return 0 if result["ok"] else 1
 
 
 def data_root(given: str | None, p: argparse.ArgumentParser) -> Path:

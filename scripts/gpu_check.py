@@ -144,7 +144,7 @@ def stage_tests(out: Path, left: float) -> dict[str, Any]:
               or c.find("error") is not None]
     found = {"returncode": done.returncode, **counts, "passed": counts["tests"] - counts["failures"]
              - counts["errors"] - counts["skipped"], "failed": failed, "log": "gpu_tests.log"}
-    if not have("autoattack"):
+    if not have("pyautoattack"):
         found["note"] = f"pyautoattack is not installed, so test_autoattack_on_cuda skips: {INSTALL}"
     if failed or counts["failures"] + counts["errors"]:
         raise StageFailed(f"{len(failed)} of {counts['tests']} CUDA tests failed: {', '.join(failed)}", found)

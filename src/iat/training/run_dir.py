@@ -51,17 +51,25 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, o
     exists = holds_run(out)
     if saved is not None and overwrite:
         raise UsageError("--resume continues a run and --overwrite replaces it; pass only one of them")
+    holder = lock_holder(out)
+    if holder is not None:  # a run in progress: neither --resume nor --overwrite would help
+        raise UsageError(_in_use(out, holder, "--out"))
     if exists and saved is None and not overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if not exists and out.is_dir() and any(not p.name.endswith(".iat-lock") for p in out.iterdir()):
         raise UsageError(f"{out} holds files that are not an iat run; choose a new or empty folder as --out")
     check_writable(out)
+    if exists and overwrite:
+        check_removable(out)  # an old file that cannot be removed fails here, before anything is removed
     trainer = Trainer(cfg, out)  # every bad input fails here, before anything in `out` changes
     main_rank = trainer.dist.is_main  # under torchrun only rank 0 touches the run directory
     with run_lock(out) if main_rank else nullcontext():
         if holds_run(out) and not exists:  # another process started a run here while we were loading
-            raise UsageError(f"{out} already holds a run (started meanwhile by another process); pass --resume to "
-                             "continue it or --overwrite to replace it")
+            what = ("run the command again to replace it" if overwrite
+                    else "pass --resume to continue it or --overwrite to replace it")
+            raise UsageError(f"{out} already holds a run (started meanwhile by another process, which the "
+                             f"--overwrite you gave did not see); {what}" if overwrite else
+                             f"{out} already holds a run (started meanwhile by another process); {what}")
         if saved is not None and (out / "checkpoints" / "last.safetensors").exists():
             trainer.resume()
         elif saved is not None:
@@ -113,8 +121,7 @@ def _acquire(path: Path, out: Path, what: str) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise UsageError(f"{out} is in use by a running iat (pid {holder}); wait for it to finish or choose "
-                             f"another {what}") from None
+            raise UsageError(_in_use(out, holder, what)) from None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -123,14 +130,107 @@ def _acquire(path: Path, out: Path, what: str) -> int:
         os.close(fd)
 
 
+def _in_use(out: Path, holder: str, what: str) -> str:
+    """A running command holds `out`: say so and what to do (neither --resume nor --overwrite would help)."""
+    who, stop = (f"pid {holder}", f"stop it (kill {holder})") if holder.isdigit() else (holder, "stop it")
+    return f"{out} is in use by a running iat ({who}); wait for it to finish or {stop}, or choose another {what}"
+
+
+def lock_holder(out: Path) -> Optional[str]:
+    """The pid (as written in the lock file) of a live process holding `out`'s run lock, else None."""
+    path = lock_path(out)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def old_files(out: Path) -> list[Path]:
+    """What --overwrite removes: exactly what an earlier run and its evaluations wrote; nothing else in `out`."""
+    paths = [out / name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    return paths + sorted(p for pattern in EVAL_FILES for p in out.glob(pattern))
+
+
+_FS_IOC_GETFLAGS, _IMMUTABLE, _APPEND_ONLY = 0x80086601, 0x10, 0x20
+
+
+def _inode_flags(path: Path) -> int:
+    """The file's chattr flags (0 where the file system has none or the file cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8))[:4], sys.byteorder)
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def check_removable(out: Path) -> None:
+    """Fail before anything is removed if any old file of the run cannot be: an immutable or append-only
+    file (chattr +i / +a; root too is refused) or a folder this process cannot write in."""
+    todo: list[Path] = []
+    for top in old_files(out):
+        todo.append(top)
+        if top.is_dir() and not top.is_symlink():
+            for root, dirs, files in os.walk(top):
+                todo.extend(Path(root) / n for n in dirs + files)
+    folders = {out} | {p.parent for p in todo} | {p for p in todo if p.is_dir() and not p.is_symlink()}
+    for path in todo:
+        flags = _inode_flags(path) if not path.is_symlink() else 0
+        if flags & (_IMMUTABLE | _APPEND_ONLY):
+            kind, fix = ("immutable", "chattr -i") if flags & _IMMUTABLE else ("append-only", "chattr -a")
+            raise UsageError(f"--overwrite: {path} cannot be removed (it is {kind}); run `{fix} {path}` and try "
+                             "again; nothing was removed")
+    for folder in sorted(folders):
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise UsageError(f"--overwrite: cannot remove files in {folder} ({err.strerror}); fix its permissions "
+                             f"(e.g. chmod u+rwx {folder}) and try again; nothing was removed") from None
+
+
 def clear(out: Path) -> None:
-    """Remove exactly what an earlier run and its evaluations wrote (--overwrite); nothing else in `out`."""
-    for name in RUN_FILES:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    for pattern in EVAL_FILES:
-        for path in out.glob(pattern):
-            path.unlink()
+    """Remove exactly what an earlier run and its evaluations wrote (--overwrite); nothing else in `out`.
+    The old files are first moved aside into one folder inside `out` (a rename each, undone if any fails),
+    so a file that cannot be moved leaves the old run whole; only then is that folder removed."""
+    check_removable(out)
+    paths = old_files(out)
+    if not paths:
+        return
+    aside = Path(tempfile.mkdtemp(prefix=".iat-replaced-", dir=out))
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for i, path in enumerate(paths):
+            target = aside / f"{i}-{path.name}"
+            os.rename(path, target)
+            moved.append((path, target))
+    except OSError as err:
+        for path, target in reversed(moved):
+            os.rename(target, path)
+        aside.rmdir()
+        raise UsageError(f"--overwrite: {err.filename or path} cannot be removed ({err.strerror}); fix that (e.g. "
+                         f"`chattr -i {err.filename or path}` or its permissions) and try again; nothing was "
+                         "removed") from None
+    try:
+        shutil.rmtree(aside)
+    except OSError as err:
+        raise UsageError(f"--overwrite: could not remove the old run's files moved aside to {aside} "
+                         f"({err.strerror}: {err.filename}); remove that folder yourself") from None
 
 
 def check_writable(out: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -76,6 +77,16 @@ def _label(run: Path, runs: list[Path]) -> str:
     return run.name if names.count(run.name) == 1 else f"{run.parent.name}/{run.name}"
 
 
+def _dataset(config: RunRecord) -> str:
+    """The run's data set as shown in a report: its name, and its number of classes where the record has it."""
+    data = config.data or {}
+    name = data.get("name") or (config.config.get("data") or {}).get("name") or "?"
+    classes = data.get("num_classes") or (config.model or {}).get("num_classes")
+    if classes is None and isinstance(data.get("classes"), list):
+        classes = len(data["classes"])
+    return f"{name} ({classes} classes)" if classes else str(name)
+
+
 def load_run(run: Path, runs: list[Path]) -> dict[str, Any]:
     if not (run / "config.json").is_file():
         raise UsageError(f"{run} is not an iat run directory (no config.json)")
@@ -88,7 +99,8 @@ def load_run(run: Path, runs: list[Path]) -> dict[str, Any]:
         if kind not in evals and other in evals and epochs[kind] is not None and evals[other]["epoch"] == epochs[kind]:
             evals[kind] = dict(evals[other], same_as=other)
     return {"path": str(run), "label": _label(run, runs), "method": (config.method or {}).get("name", "?"),
-            "config": config, "records": records, "evals": evals, "epochs": epochs}
+            "config": config, "records": records, "evals": evals, "epochs": epochs,
+            "dataset": _dataset(config)}
 
 
 def _columns(runs: list[dict[str, Any]]) -> list[str]:
@@ -99,6 +111,8 @@ def _columns(runs: list[dict[str, Any]]) -> list[str]:
 def side_by_side(runs: list[dict[str, Any]], kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
     """Rows: run x checkpoint; columns: attacks then the worst case; plus protocol legend and warnings."""
     columns = _columns(runs)
+    datasets = list(dict.fromkeys(r.get("dataset", "?") for r in runs))
+    mixed = len(datasets) > 1  # only then a data-set column: a report of one data set is unchanged
     rows, notes, protocols = [], [], {c: set() for c in columns}
     for run in runs:
         for kind in kinds:
@@ -126,14 +140,30 @@ def side_by_side(runs: list[dict[str, Any]], kinds: tuple[str, ...] = KINDS) -> 
                 if ev["ignored"]:
                     notes.append(f"{run['label']} {kind}: ignored {', '.join(ev['ignored'])} (another epoch, "
                                  "threat model or set of examples than the newest eval)")
+            if mixed:
+                row["dataset"] = run.get("dataset", "?")
             rows.append(row)
     for c, texts in protocols.items():
         if len(texts) > 1:
             notes.append(f"column {c} mixes protocols, compare with care: {' | '.join(sorted(texts))}")
     if len({(r["n"], r["threat"]) for r in rows if r["n"]}) > 1:
         notes.append("rows were evaluated on different numbers of examples or threat models")
-    return {"columns": columns + ["worst case"], "rows": rows, "notes": notes,
-            "protocols": {c: sorted(t) for c, t in protocols.items()}}
+    table = {"columns": columns + ["worst case"], "rows": rows, "notes": notes,
+             "protocols": {c: sorted(t) for c, t in protocols.items()}}
+    if mixed:
+        notes.append(f"the runs were trained on different data sets ({', '.join(datasets)}); their accuracies are "
+                     "not comparable")
+        table["datasets"] = datasets
+    return table
+
+
+def _fields(table: dict[str, Any]) -> list[str]:
+    return ROW_FIELDS[:2] + ["data set"] + ROW_FIELDS[2:] if "datasets" in table else ROW_FIELDS
+
+
+def _lead(r: dict[str, Any], table: dict[str, Any], empty: Any) -> list[Any]:
+    lead = [r["run"], r["method"], r["checkpoint"], r["epoch"], r["n"] or empty, r["threat"] or empty]
+    return lead[:2] + [r.get("dataset", "?")] + lead[2:] if "datasets" in table else lead
 
 
 def _cell(row: dict[str, Any], col: str) -> str:
@@ -145,11 +175,11 @@ def _cell(row: dict[str, Any], col: str) -> str:
 
 def to_markdown(table: dict[str, Any], curves: Optional[str]) -> str:
     cols = table["columns"]
-    rows = [[r["run"], r["method"], r["checkpoint"], r["epoch"], r["n"] or "-", r["threat"] or "-",
-             *(_cell(r, c) for c in cols)] for r in table["rows"]]
+    rows = [[*_lead(r, table, "-"), *(_cell(r, c) for c in cols)] for r in table["rows"]]
+    align = ("llllrrl" if "datasets" in table else "lllrrl") + "r" * len(cols)
     lines = ["# Runs side by side", "", "Robust accuracy (%) on the test split; best = the checkpoint with the best "
              "validation robust accuracy, last = the final epoch.", "",
-             *markdown_table([*ROW_FIELDS, *cols], rows, align="lllrrl" + "r" * len(cols)), "", "Protocols:", ""]
+             *markdown_table([*_fields(table), *cols], rows, align=align), "", "Protocols:", ""]
     lines += [f"- **{c}**: {'; '.join(t)}" for c, t in table["protocols"].items() if t]
     lines.append("- **worst case**: per example, worst over the columns of that row (* = upper bound: the evals "
                  "carried no per-example outcomes)")
@@ -161,9 +191,9 @@ def to_markdown(table: dict[str, Any], curves: Optional[str]) -> str:
 
 
 def to_csv(table: dict[str, Any]) -> str:
-    rows = [[r["run"], r["method"], r["checkpoint"], r["epoch"], r["n"] or "", r["threat"] or "",
-             *(f"{r['acc'][c]:.6f}" if c in r["acc"] else "" for c in table["columns"])] for r in table["rows"]]
-    return csv_text([*ROW_FIELDS, *table["columns"]], rows)
+    rows = [[*_lead(r, table, ""), *(f"{r['acc'][c]:.6f}" if c in r["acc"] else "" for c in table["columns"])]
+            for r in table["rows"]]
+    return csv_text([*_fields(table), *table["columns"]], rows)
 
 
 def _val_label(config: RunRecord) -> str:
@@ -225,6 +255,9 @@ def write_report(cfg: ReportConfig) -> list[Path]:
         _eval_missing(paths, kinds, cfg)
     runs = [load_run(p, paths) for p in paths]
     table = side_by_side(runs, kinds)
+    if "datasets" in table:
+        print(f"iat report: warning: these runs were trained on different data sets ({', '.join(table['datasets'])}); "
+              "their accuracies are not comparable", file=sys.stderr)
     out = Path(cfg.out)
     curves = None
     if cfg.plots and any(r["records"] for r in runs):

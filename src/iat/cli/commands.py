@@ -120,7 +120,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must name a .json file (CSV and Markdown go beside it), got {out}")
     from ..training.run_dir import check_writable, run_lock
 
+    from ..evaluation.pipeline import check_out_file
+    from ..reporting.eval_tables import output_paths
+
     check_writable(out.parent)  # before the evaluation, not after it
+    check_out_file(out, [p for k, p in output_paths(out).items() if k != "png" or cfg.eps_sweep])  # a folder or a symlink loop at --out: refused now
     with run_lock(out):  # a second eval writing the same results is refused before it attacks anything
         prepared = prepare_checkpoint(args.target, cfg)
         same = identity(prepared, cfg)

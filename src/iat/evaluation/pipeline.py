@@ -285,3 +285,24 @@ def default_out(target: str, cfg: EvalConfig) -> Path:
     if base.is_dir():
         return base / f"eval-{cfg.checkpoint}.json"
     return base.with_suffix(".eval.json")
+
+
+def check_out_file(out: Path, siblings: "typing.Iterable[Path]" = ()) -> None:
+    """Fail before any attack runs: `out` (and the files written beside it) must each be a file or absent,
+    and their folder must be a folder. A folder, a symlink loop or a dangling path is a one-line UsageError."""
+    for path in (out, *siblings):
+        try:
+            path.stat()
+        except FileNotFoundError:
+            if path.is_symlink():
+                raise UsageError(f"--out {path} is a broken symlink; remove it or choose another --out") from None
+            continue
+        except NotADirectoryError:
+            raise UsageError(f"--out {path}: {path.parent} is not a folder; choose another --out") from None
+        except OSError as err:  # ELOOP (a symlink loop), ENAMETOOLONG, EACCES, ...
+            raise UsageError(f"--out {path} cannot be used ({err.strerror}); remove it or choose another "
+                             "--out") from None
+        if path.is_dir():
+            raise UsageError(f"--out {path} is a folder, not a results file; give --out FOLDER/NAME.json")
+        if not path.is_file():
+            raise UsageError(f"--out {path} is not a regular file; choose another --out")

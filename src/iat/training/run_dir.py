@@ -7,6 +7,7 @@ run is never replaced without `overwrite`; a resumed run keeps the settings in i
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import signal
 import shutil
@@ -84,7 +85,13 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, o
 
 def lock_path(out: Path) -> Path:
     """Beside the folder or file it guards, so taking the lock creates nothing inside a run directory."""
-    return out.parent / f".{out.name}.iat-lock"
+    name = f".{out.name}.iat-lock"
+    if len(os.fsencode(name)) > 255:  # NAME_MAX: a legal long folder name must still get a lock of its own
+        raw = os.fsencode(out.name)
+        digest = hashlib.sha256(raw).hexdigest()[:16]
+        head = raw[:200].decode("utf-8", "ignore")  # never split a multi-byte character
+        name = f".{head}-{digest}.iat-lock"
+    return out.parent / name
 
 
 @contextmanager

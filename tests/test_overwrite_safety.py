@@ -7,15 +7,14 @@ pass --overwrite, which cannot help while another iat holds the run.
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from iat.cli import main
+from test_bad_input import _hold_lock_in_a_child
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["train", "--method", "standard", "--dataset", "synthetic", "--model", "cnn", "--epochs", "1",
         "--val-examples", "16", "--no-progress"]
 
@@ -134,13 +133,6 @@ def test_overwrite_with_an_immutable_old_checkpoint_removes_nothing(tmp_path, ca
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _hold_lock_in_a_child(path: Path) -> subprocess.Popen:
-    code = ("import sys, time; from pathlib import Path; from iat.training.run_dir import run_lock\n"
-            "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)")
-    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": SRC})
-    assert child.stdout.readline().strip() == "locked"
-    return child
 
 
 def test_a_run_in_use_is_not_offered_overwrite(tmp_path, capsys):

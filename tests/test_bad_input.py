@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from iat.training.checkpoint import load_checkpoint, save_checkpoint
+from iat.runtime.checkpoint import load_checkpoint, save_checkpoint
 from iat.cli import main
 from iat.data import load_dataset
 from iat.data import mnist as mnist_mod

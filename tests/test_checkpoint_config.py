@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from iat import config as C
-from iat.training.checkpoint import load_checkpoint, save_checkpoint
+from iat.runtime.checkpoint import load_checkpoint, save_checkpoint
 from iat.errors import UsageError
 
 

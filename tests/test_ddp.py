@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from iat import config as C
-from iat.training.checkpoint import load_checkpoint
+from iat.runtime.checkpoint import load_checkpoint
 from iat.training.trainer import Trainer
 
 from gloo_helpers import bundle, free_port
@@ -86,10 +86,10 @@ def test_two_ranks_of_b_equal_one_process_of_2b(tmp_path):
 
 
 def test_global_batch_must_split_evenly(monkeypatch, tmp_path):
-    from iat.training.distributed import DistInfo
+    from iat.runtime.distributed import DistInfo
     from iat.errors import UsageError
 
-    monkeypatch.setattr("iat.training.distributed.setup", lambda device: (DistInfo(0, 3, 0), device))
+    monkeypatch.setattr("iat.runtime.distributed.setup", lambda device: (DistInfo(0, 3, 0), device))
     with pytest.raises(UsageError, match="divisible"):
         Trainer(make_cfg("standard"), tmp_path, bundle())
 

@@ -8,8 +8,9 @@ from torch import nn
 
 from iat import config as C
 from iat.cli import main
-from iat.records import RunRecord, first_difference, read_metrics
-from iat.training.checkpoint import load_checkpoint
+from iat.records import RunRecord, read_metrics
+from iat.same_run import first_difference
+from iat.runtime.checkpoint import load_checkpoint
 from iat.training.ema import WeightEMA
 from iat.training.trainer import Trainer
 from test_resume import assert_same_run, crash_then_resume, die_at_step, tiny_cfg

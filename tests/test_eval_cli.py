@@ -209,15 +209,39 @@ def test_a_checkpoint_that_does_not_fit_the_data_is_refused_before_any_attack(ru
     check_fits(Path("ckpt"), spec, load_dataset("synthetic"))
     with pytest.raises(UsageError, match="trained for 4 classes but synthetic has 10"):
         check_fits(Path("ckpt"), spec, load_dataset("synthetic", num_classes=10))
-    with pytest.raises(UsageError, match="image size"):
+    with pytest.raises(UsageError, match="trained for 32x32 images"):
         check_fits(Path("ckpt"), {**spec, "input_size": 32}, load_dataset("synthetic"))
+
+
+def test_a_checkpoint_is_refused_on_images_of_another_width(runs):
+    """The fit check compared only the height: a 16x16 model passed on 16x24 images and failed deep in torch."""
+    import dataclasses
+
+    import torch
+
+    from iat.data import load_dataset
+    from iat.data.core import Split
+    from iat.errors import UsageError
+    from iat.evaluation.loading import model_spec_for
+    from iat.evaluation.pipeline import check_fits
+    from iat.records import read_run
+
+    spec = read_run(runs["pgd-at"] / "config.json").model
+    square = load_dataset("synthetic")
+    n, c, h, w = square.test.x.shape
+    wide = torch.zeros(n, c, h, w + 8, dtype=torch.uint8)
+    bundle = dataclasses.replace(square, test=Split(wide, square.test.y), train=Split(wide, square.test.y))
+    with pytest.raises(UsageError, match=f"trained for {h}x{h} images but synthetic has {h}x{w + 8}"):
+        check_fits(Path("ckpt"), spec, bundle)
+    with pytest.raises(UsageError, match=f"synthetic has {h}x{w + 8} images but models take square ones"):
+        model_spec_for("cnn", bundle)
 
 
 def test_a_checkpoint_with_non_finite_weights_is_not_evaluated(runs, tmp_path, capsys):
     """iat 0.1 evaluated NaN weights with exit 0, and its zero-gradient check said PASS."""
     import shutil
 
-    from iat.training.checkpoint import load_checkpoint, save_checkpoint
+    from iat.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(runs["pgd-at"], run)
@@ -246,7 +270,7 @@ def test_an_unwritable_output_is_found_before_the_evaluation(runs, tmp_path, cap
 def test_a_checkpoint_of_another_architecture_names_the_mismatch(runs, tmp_path, capsys):
     import shutil
 
-    from iat.training.checkpoint import load_checkpoint, save_checkpoint
+    from iat.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(runs["pgd-at"], run)

@@ -75,7 +75,7 @@ def test_fp16_grad_scaler_scales_and_is_checkpointed(tmp_path):
     assert trainer.scaler.is_enabled()
     scale = trainer.scaler.get_scale()
     assert 0 < scale < float("inf")
-    from iat.training.checkpoint import load_checkpoint
+    from iat.runtime.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")["scaler"]["scale"] == scale
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iat.models import MODELS, Normalize, create_model, model_info
 from iat.errors import UsageError
+from iat.models import MODELS, Normalize, create_model, model_info
 
 # The wide ResNets (36M-46M parameters) are built once, at batch 1, to keep the suite fast on CPU;
 # their 1-channel variant only differs in the stem conv and runs when IAT_SLOW=1.
@@ -134,7 +134,7 @@ def test_create_model_without_statistics_does_not_normalise_and_says_so() -> Non
 def test_create_model_takes_a_data_sets_standard_statistics(tmp_path) -> None:
     from iat.data import standard_stats
     from iat.evaluation.loading import load_model
-    from iat.training.checkpoint import save_checkpoint
+    from iat.runtime.checkpoint import save_checkpoint
 
     model = create_model("cnn", num_classes=10, in_channels=1, input_size=28, dataset="mnist")
     mean, std = standard_stats("mnist")
@@ -239,3 +239,12 @@ def test_a_module_that_fails_on_import_is_named_with_its_cause(tmp_path, monkeyp
         MODELS.get("needs_dep_xyz:make")
     with pytest.raises(UsageError, match=r"importing syntax_err_xyz failed \(SyntaxError"):
         MODELS.get("syntax_err_xyz:make")
+
+
+def test_the_create_model_example_runs():
+    """The >>> example in create_model's docstring is correct."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("iat.models.base"))
+    assert result.attempted > 0 and result.failed == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from iat import config as C
-from iat.training.checkpoint import load_checkpoint
+from iat.runtime.checkpoint import load_checkpoint
 from iat.cli import main
 from iat.errors import UsageError
 from iat.training.trainer import Trainer
@@ -284,7 +284,7 @@ def test_sigterm_ends_like_ctrl_c_with_one_line(tmp_path):
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
     import errno
 
-    from iat.training import checkpoint
+    from iat.runtime import checkpoint
 
     out = tmp_path / "run"
     real, calls = checkpoint.atomic_write_bytes, []
@@ -296,9 +296,10 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys
         real(path, data)
 
     monkeypatch.setattr(checkpoint, "atomic_write_bytes", filling_up)
-    assert main([*TINY, "--out", str(out)]) == 1
+    assert main([*TINY, "--out", str(out)]) == 2  # a full disk is the user's to fix: the path and what to do
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "free some space" in err
+    assert "/run/checkpoints/" in err
     state = load_checkpoint(out / "checkpoints" / "last.safetensors")
     assert state["progress"]["epoch"] == 1  # the previous checkpoint, whole
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]

@@ -9,7 +9,7 @@ from torch import nn
 
 from iat import config as C
 from iat.attacks import PGD, kl_div
-from iat.training.checkpoint import load_checkpoint, save_checkpoint
+from iat.runtime.checkpoint import load_checkpoint, save_checkpoint
 from iat.data import DATASETS
 from iat.methods import create_method
 from iat.methods.single_step import alignment_penalty, input_gradient

@@ -78,7 +78,8 @@ def test_compile_trains_like_eager(tmp_path, monkeypatch, method):
 
 
 # ----------------------------------------------------------------- speed.layout = "auto"
-from iat.records import RunRecord, first_difference  # noqa: E402
+from iat.records import RunRecord  # noqa: E402
+from iat.same_run import first_difference  # noqa: E402
 from iat.training import layout, speed as S  # noqa: E402
 
 

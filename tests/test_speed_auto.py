@@ -11,7 +11,8 @@ import torch
 from iat import config as C
 from iat.data import load_dataset
 from iat.errors import UsageError
-from iat.records import RunRecord, first_difference
+from iat.records import RunRecord
+from iat.same_run import first_difference
 from iat.training import layout
 from iat.training.trainer import Trainer
 

@@ -13,9 +13,10 @@ from torch import nn
 
 from iat import config as C
 from iat.models import create_model
-from iat.records import RunRecord, first_difference
-from iat.training.checkpoint import load_checkpoint
-from iat.training.sync_bn import GlobalBatchNorm, convert
+from iat.records import RunRecord
+from iat.same_run import first_difference
+from iat.runtime.checkpoint import load_checkpoint
+from iat.runtime.sync_bn import GlobalBatchNorm, convert
 from iat.training.trainer import Trainer
 
 from gloo_helpers import bundle, free_port

@@ -155,7 +155,8 @@ def test_one_epoch_through_the_cli(tmp_path, capsys):
 
 
 def test_a_run_recorded_before_the_start_option_is_the_same_run_as_start_random():
-    from iat.records import RunRecord, first_difference
+    from iat.records import RunRecord
+    from iat.same_run import first_difference
 
     def record(**method):
         return RunRecord(config={"method": "uiat-fgsm"}, method={"name": "uiat-fgsm", "beta": 3.5, **method})

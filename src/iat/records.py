@@ -46,6 +46,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
+    """`atomic_write_bytes` of `text`, encoded as UTF-8."""
     atomic_write_bytes(path, text.encode())
 
 
@@ -89,10 +90,11 @@ class RunRecord:
     version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain dicts (what config.json holds)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: Any, source: str = "run record") -> "RunRecord":
+    def from_dict(cls, values: Any, source: str = "run record") -> RunRecord:
         """Upgrade and check: version 0 (iat 0.1) kept threat.bn_mode / threat.eps_warmup and the threat model
         among the method's options; version 1 had speed.channels_last (a bool) where speed.layout is now. Records
         of version 2 written before speed.compile could be "auto" call speed_auto layout_auto."""
@@ -134,6 +136,17 @@ def _upgrade_v1(values: dict[str, Any]) -> None:
 
 
 def read_run(path: PathLike) -> RunRecord:
+    """Read a run's config.json, upgrading the records of older versions of iat.
+
+    Args:
+        path: the config.json of a run directory.
+
+    Returns:
+        The run record, in the current version.
+
+    Raises:
+        UsageError: the file is missing, damaged, or not an iat run record this version can read.
+    """
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path} does not exist; is {path.parent} an iat run directory?")
@@ -141,6 +154,12 @@ def read_run(path: PathLike) -> RunRecord:
 
 
 def write_run(path: PathLike, record: RunRecord) -> None:
+    """Write `record` to `path` (a run's config.json) as indented JSON, atomically; missing folders are made.
+
+    Args:
+        path: where to write; an existing file is replaced.
+        record: the run's resolved settings.
+    """
     atomic_write_text(path, json.dumps(record.to_dict(), indent=2) + "\n")
 
 
@@ -167,6 +186,7 @@ class MetricLine:
     version: int = 1
 
     def to_dict(self) -> dict[str, Any]:
+        """The line as a plain dict (one line of metrics.jsonl)."""
         return dataclasses.asdict(self)
 
 
@@ -198,6 +218,7 @@ def append_metric(path: PathLike, line: MetricLine) -> None:
 
 
 def write_metrics(path: PathLike, lines: list[MetricLine]) -> None:
+    """Replace the file with `lines`, one JSON line each, atomically (a resume trims metrics.jsonl so)."""
     atomic_write_text(path, "".join(json.dumps(line.to_dict()) + "\n" for line in lines))
 
 
@@ -233,13 +254,15 @@ class EvalRecord:
     version: int = 2
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain dicts (what an eval-*.json holds)."""
         return dataclasses.asdict(self)
 
     def row(self, attack: str) -> Optional[dict[str, Any]]:
+        """The results row of `attack` (as named in the evaluation, e.g. "pgd20" or "worst case"), or None."""
         return next((r for r in self.results if r["attack"] == attack), None)
 
     @classmethod
-    def from_dict(cls, values: Any, source: str = "evaluation") -> "EvalRecord":
+    def from_dict(cls, values: Any, source: str = "evaluation") -> EvalRecord:
         """Version 1 (iat 0.1) marked itself with "iat_eval": 1 and has the same fields."""
         if not isinstance(values, dict) or not ("iat_eval" in values or values.get("kind") == "iat-eval"):
             raise UsageError(f"{source} is not an iat evaluation record")
@@ -253,6 +276,17 @@ class EvalRecord:
 
 
 def read_eval(path: PathLike) -> EvalRecord:
+    """Read a results file written by `iat eval`, upgrading those of iat 0.1.
+
+    Args:
+        path: an eval-*.json (or another --out) file.
+
+    Returns:
+        The evaluation record, in the current version.
+
+    Raises:
+        UsageError: the file is missing, damaged, incomplete, or not an evaluation this version can read.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"evaluation {path} does not exist")
@@ -268,7 +302,11 @@ def try_read_eval(path: PathLike) -> Optional[EvalRecord]:
 
 
 def write_eval(path: PathLike, record: EvalRecord) -> None:
+    """Write `record` to `path` as indented JSON, atomically; missing folders are made.
+
+    Args:
+        path: the results file; an existing file is replaced.
+        record: the evaluation to write.
+    """
     atomic_write_text(path, json.dumps(record.to_dict(), indent=2) + "\n")
 
-
-from .same_run import first_difference, identity  # noqa: E402,F401  (the "same run" rule reads RunRecords)

@@ -21,15 +21,16 @@ import importlib.util
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from . import ATTACKS
 from .engine import NORMS, crafting_mode
+from .registry import ATTACKS
 
 INSTALL_HINT = 'pip install "iat[autoattack]"'
 PACKAGE = "pyautoattack"
@@ -143,7 +144,8 @@ class AutoAttack:
         with crafting_mode(model, "keep"), log_to as log, torch.random.fork_rng(devices=devices):
             num_classes = int(model(x[:1]).shape[1])
             if num_classes < 4:
-                raise UsageError(f"autoattack needs at least 4 classes (targeted DLR loss), the model has {num_classes}")
+                raise UsageError("autoattack needs at least 4 classes (targeted DLR loss), "
+                                 f"the model has {num_classes}")
             aa = package.AutoAttack(model, eps=self.eps, norm=_AA_NORM[self.norm], seed=seed,
                                     version=self.version, device=x.device)
             aa.apgd_targeted.n_target_classes = min(9, num_classes - 1)
@@ -162,6 +164,7 @@ class AutoAttack:
                 self.broken_by[match.group(1)] += int(match.group(4))
 
     def components(self) -> list[str]:
+        """The attacks this version runs, in the order AutoAttack runs them."""
         return {"standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
                 "plus": ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]}[self.version]
 
@@ -194,5 +197,6 @@ def _package_version() -> str:
 @ATTACKS.register("autoattack", help="AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square (Croce & Hein 2020); "
                                      'needs pip install "iat[autoattack]"')
 def autoattack(eps: float = 8 / 255, norm: str = "linf", version: str = "standard", seed: int = 0) -> AutoAttack:
+    """An `AutoAttack`; a missing autoattack package is an error here, before any data is loaded."""
     require_autoattack()  # fail before any data is loaded
     return AutoAttack(eps=eps, norm=norm, version=version, seed=seed)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from .. import config as C
 from ..errors import UsageError
@@ -15,6 +16,7 @@ DESTS: dict[str, dict[str, str]] = {}  # command -> dest -> dotted key of its co
 
 
 def train_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `iat train` and its flags (generated from TrainConfig)."""
     p = sub.add_parser("train", help="train a model; RUN_DIR gets config.json, metrics.jsonl, checkpoints/")
     p.add_argument("--config", help="TOML or JSON file with the same keys as config.json's 'config' (default: none)")
     p.add_argument("--out", default=None, help="run directory of a new run (default: none; required unless --resume)")
@@ -36,6 +38,7 @@ def train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    """KEY=VALUE items (-O, --set) as a dict; `what` names the flag in the error."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -78,6 +81,7 @@ def train_config(args: argparse.Namespace, base: Optional[C.TrainConfig] = None)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`iat train`: a new run in --out, or --resume one; prints the run's summary as JSON."""
     from ..training import run_dir
 
     resume = args.resume if isinstance(args.resume, str) else None
@@ -89,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = run_dir.saved_run(out) if args.resume else None
     cfg, source = train_config(args, C.from_dict(saved.config) if saved else None)
     summary = run_dir.train(cfg, out, saved=saved, overwrite=args.overwrite)
-    from ..training.distributed import info
+    from ..runtime.distributed import info
 
     if info().is_main:
         print(json.dumps({"run": str(out), "threat": {**cfg.threat.describe(), "from": source}, **summary}))
@@ -97,6 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def eval_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `iat eval` and its flags (generated from EvalConfig)."""
     from ..evaluation.pipeline import EvalConfig
 
     p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test split")
@@ -108,23 +113,25 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..evaluation.pipeline import EvalConfig, default_out, evaluate_prepared, identity, prepare_checkpoint
+    """`iat eval`: evaluate a run or checkpoint, print the table and checks, write JSON/CSV/Markdown."""
     from ..evaluation.extend import extendable
+    from ..evaluation.pipeline import EvalConfig, default_out, evaluate_prepared, identity, prepare_checkpoint
     from ..evaluation.replace import check_replace
-    from ..reporting.eval_tables import fmt_eps, format_checks, format_sweep, format_table, write_eval_files
+    from ..reporting.eval_tables import format_checks, format_sweep, format_table, write_eval_files
+    from ..reporting.render import fmt_eps
 
     cfg = build(EvalConfig, args, DESTS["eval"])
     cfg.progress = not args.no_progress
     out = Path(args.out) if args.out else default_out(args.target, cfg)
     if out.suffix != ".json":
         raise UsageError(f"--out must name a .json file (CSV and Markdown go beside it), got {out}")
-    from ..training.run_dir import check_writable, run_lock
-
     from ..evaluation.pipeline import check_out_file
     from ..reporting.eval_tables import output_paths
+    from ..training.run_dir import check_writable, run_lock
 
     check_writable(out.parent)  # before the evaluation, not after it
-    check_out_file(out, [p for k, p in output_paths(out).items() if k != "png" or cfg.eps_sweep])  # a folder or a symlink loop at --out: refused now
+    # a folder or a symlink loop at --out: refused now
+    check_out_file(out, [p for k, p in output_paths(out).items() if k != "png" or cfg.eps_sweep])
     with run_lock(out):  # a second eval writing the same results is refused before it attacks anything
         prepared = prepare_checkpoint(args.target, cfg)
         same = identity(prepared, cfg)
@@ -152,6 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def report_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `iat report` and its flags (generated from ReportConfig)."""
     from ..reporting.report import ReportConfig
 
     p = sub.add_parser("report", help="runs side by side (best and last checkpoint) and their training curves")
@@ -159,6 +167,7 @@ def report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """`iat report`: write the side-by-side report of the given run directories."""
     from ..reporting.report import ReportConfig, write_report
 
     cfg = build(ReportConfig, args, DESTS["report"])
@@ -169,6 +178,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def reproduce_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `iat reproduce` and its flags (generated from ReproduceConfig)."""
     from ..reproduce import ReproduceConfig
 
     p = sub.add_parser("reproduce", help="train and evaluate every cell of an experiment table, then write the table")
@@ -176,12 +186,14 @@ def reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    """`iat reproduce`: advance every cell of a table, then write the table."""
     from ..reproduce import ReproduceConfig, reproduce
 
     return reproduce(build(ReproduceConfig, args, DESTS["reproduce"]))
 
 
 def list_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `iat list`, one choice per registry."""
     from ..training.setup import registries
 
     p = sub.add_parser("list", help="list registered components")
@@ -189,6 +201,7 @@ def list_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """`iat list WHAT`: the registry's names, each with its one-line help."""
     from ..training.setup import registries
 
     items = registries()[args.what].describe()
@@ -199,6 +212,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def data_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `iat data fetch NAME`."""
     p = sub.add_parser("data", help="data sets")
     p.add_argument("action", choices=["fetch"], help="fetch: download or rebuild a data set in its official format")
     p.add_argument("name", help="data set" + choices_text("datasets"))
@@ -206,8 +220,12 @@ def data_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    """`iat data fetch NAME`: download or rebuild the data set, print its folder."""
     from ..data import fetch_dataset
+    from ..data.core import resolve_root
+    from ..training.run_dir import check_writable
 
+    check_writable(resolve_root(args.root), "--root (or $IAT_DATA_DIR)")  # before any download
     path = fetch_dataset(args.name, args.root)
     print(f"{args.name}: ready in {path}")
     return 0

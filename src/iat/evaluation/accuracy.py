@@ -21,14 +21,15 @@ ETA is for the whole evaluation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..attacks import Natural, PGD
+from ..attacks import PGD, Natural
 from ..errors import UsageError
 
 MODES = ("each", "cumulative")
@@ -76,6 +77,12 @@ class Accuracy:
     natural_ok: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)  # bool [total]
 
     def rates(self) -> dict[str, float]:
+        """The counts as fractions of `total` (every evaluated example, not only those an attack ran on).
+
+        Returns:
+            {attack name: accuracy in [0, 1]} in the order of `correct` (in "cumulative" mode each is the
+            accuracy under that attack and those before it), then "worst_case": the per-example worst case.
+        """
         out = {k: v / self.total for k, v in self.correct.items()}
         out["worst_case"] = self.worst_case / self.total
         return out
@@ -202,6 +209,7 @@ def pack_flags(flags: torch.Tensor) -> str:
 
 
 def unpack_flags(text: str, n: int) -> torch.Tensor:
+    """`pack_flags`' hex string -> a bool tensor [n]; a string that holds fewer than n examples is a ValueError."""
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
     if len(bits) != n:
         raise ValueError(f"packed flags hold {len(bits)} examples, expected {n}")

@@ -12,8 +12,9 @@ again on all N examples; AutoAttack's flags and per-component counts add up over
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -68,6 +69,7 @@ def merge(prior: EvalRecord, new: Accuracy) -> Accuracy:
         raise UsageError(f"cannot extend: the results file has attacks {sorted(outcomes[0])}, this evaluation "
                          f"{sorted(fresh)}")
     total = {k: attacked.get(k, 0) + new.attacked.get(k, 0) for k in fresh}
+    assert new.natural_ok is not None, "merge needs the per-example outcomes of robust_accuracy"
     return aggregate(natural + [new.natural_ok], outcomes + [fresh], attacked=total, mode=new.mode)
 
 

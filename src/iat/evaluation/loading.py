@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models import create_model
-from ..training.checkpoint import load_checkpoint
+from ..runtime.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:
     from ..data import DataBundle
@@ -80,8 +80,12 @@ def is_pickle(path: Union[str, Path]) -> bool:
 
 
 def model_spec_for(model: str, bundle: DataBundle) -> dict[str, Any]:
-    """Everything needed to rebuild architecture `model` for the images and classes of `bundle`."""
-    _, c, h, _ = bundle.train.x.shape
+    """Everything needed to rebuild architecture `model` for the images and classes of `bundle`.
+    Models take square input_size x input_size images: other images are refused here, not deep in torch."""
+    _, c, h, w = bundle.train.x.shape
+    if h != w:
+        raise UsageError(f"{bundle.name} has {h}x{w} images but models take square ones (input_size x input_size); "
+                         "resize or crop the images to a square size")
     return {"name": model, "num_classes": bundle.num_classes, "in_channels": int(c),
             "input_size": int(h), "mean": list(bundle.mean), "std": list(bundle.std)}
 

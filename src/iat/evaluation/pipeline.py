@@ -20,16 +20,16 @@ from ..attacks import PGD, Natural, create_attack
 from ..config import setting
 from ..data import load_dataset, resolve_threat, standard_threat
 from ..errors import UsageError
+from ..extras import require_matplotlib
 from ..records import EvalRecord, RunRecord
+from ..runtime.device import resolve_device
 from ..threat import ThreatModel
-from ..training.device import resolve_device
 from ..values import coerce, parse_literal, parse_number
 from .accuracy import pack_flags, robust_accuracy
 from .extend import merge, part_seed, parts, restore_attack_state
 from .loading import checkpoint_path, is_pickle, load_model, load_model_file
 from .sanity import check_class_coverage, run_checks
 from .sweep import check_eps_sweep, default_sweep, eps_sweep
-
 
 SWEEP_N_DEFAULT = 1000  # a bare --eps-sweep (8 PGD-20 points) on 10,000 examples takes over an hour on a CPU
 
@@ -113,6 +113,7 @@ def build_attacks(names: str, threat: ThreatModel, restarts: int = 1) -> dict[st
 
 
 def sweep_values(text: str, threat: ThreatModel, input_numel: int) -> list[float]:
+    """--eps-sweep's value -> the sorted, distinct eps values to sweep ("auto": `default_sweep` around `threat`)."""
     if text == "auto":
         return default_sweep(threat.eps, threat.norm, input_numel)
     values = sorted({parse_number(v, "--eps-sweep") for v in text.split(",") if v.strip()})
@@ -131,6 +132,7 @@ def _load(path: Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, dict[
         if cfg.eps is not None:
             threat, source = ThreatModel(eps=cfg.eps, norm=cfg.norm or "linf"), "--eps"
         else:
+            assert bundle is not None  # load_model_file refused a state_dict without --dataset
             standard_threat(bundle.name)  # a data set without one: "give --eps"
             threat, source = resolve_threat(bundle.name, ThreatModel(norm=cfg.norm or "linf"), ())
         about = {"model": state["model_spec"], "method": {"name": "unknown (plain state_dict)", "threat_model": source},
@@ -146,11 +148,13 @@ def _load(path: Path, cfg: EvalConfig, device: torch.device) -> tuple[Any, dict[
 
 
 def check_fits(path: Path, spec: dict[str, Any], bundle: Any) -> None:
-    """The checkpoint's classes, channels and image size must be the data's (else a number means nothing)."""
+    """The checkpoint's classes, channels and image size must be the data's (else a number means nothing).
+    Models are built for square input_size x input_size images, so both height and width must match."""
     _, c, h, w = bundle.test.x.shape
+    size = spec.get("input_size")
     for what, mine, theirs in (("classes", spec.get("num_classes"), bundle.num_classes),
                                ("input channels", spec.get("in_channels"), int(c)),
-                               ("image size", spec.get("input_size"), int(h))):
+                               ("images", size and f"{size}x{size}", f"{int(h)}x{int(w)}")):
         if mine is not None and mine != theirs:
             raise UsageError(f"{path} was trained for {mine} {what} but {bundle.name} has {theirs}; evaluate it on "
                              "the data set it was trained on (--dataset)")
@@ -221,8 +225,6 @@ def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
             raise UsageError("--extend cannot add an eps sweep; run the sweep as its own evaluation (--out FILE)")
         restore_attack_state(attacks, prior)
     if cfg.eps_sweep:
-        from ..reporting.plots import require_matplotlib
-
         require_matplotlib()
     numel = math.prod(x.shape[1:])
     sweep_eps = sweep_values(cfg.eps_sweep, threat, numel) if cfg.eps_sweep else None
@@ -238,6 +240,7 @@ def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, 
     checks.append(check_class_coverage(y, y_split, about["data"]["split"], num_classes).to_dict())
     sweep = None
     if sweep_eps:
+        assert acc.natural_ok is not None
         points = eps_sweep(model, x[:m], y[:m], sweep_eps, attack=cfg.sweep_attack, norm=threat.norm,
                            batch_size=cfg.batch_size, seed=cfg.seed, progress=cfg.progress)
         natural = int(acc.natural_ok[:m].sum())
@@ -281,13 +284,14 @@ def _rows(acc: Any, attacks: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def default_out(target: str, cfg: EvalConfig) -> Path:
+    """The results file without --out: RUN/eval-CHECKPOINT.json for a run directory, else FILE.eval.json."""
     base = Path(target)
     if base.is_dir():
         return base / f"eval-{cfg.checkpoint}.json"
     return base.with_suffix(".eval.json")
 
 
-def check_out_file(out: Path, siblings: "typing.Iterable[Path]" = ()) -> None:
+def check_out_file(out: Path, siblings: typing.Iterable[Path] = ()) -> None:
     """Fail before any attack runs: `out` (and the files written beside it) must each be a file or absent,
     and their folder must be a folder. A folder, a symlink loop or a dangling path is a one-line UsageError."""
     for path in (out, *siblings):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,15 @@ MASKING = "gradient masking (the attack, not the model, is failing)"
 
 @dataclasses.dataclass
 class Check:
+    """One sanity check's verdict: its name, "pass" / "warn" / "skip", what it found, and the numbers behind it."""
+
     name: str
     status: str  # "pass" | "warn" | "skip"
     message: str
     details: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
+        """The check as a plain dict (what results files hold in `sanity`)."""
         return dataclasses.asdict(self)
 
 
@@ -179,6 +183,7 @@ def check_autoattack_flags(attacks: Mapping[str, Any]) -> Optional[Check]:
 def run_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Any], acc: Accuracy,
                *, batch_size: int = 256) -> list[Check]:
     """The checks that need no extra attack runs (the eps sweep is separate, see eps_sweep)."""
+    assert acc.natural_ok is not None, "run_checks needs the per-example outcomes of robust_accuracy"
     checks = [check_robust_vs_natural(acc), check_more_effort(attacks, acc),
               check_zero_gradients(model, x, y, acc.natural_ok, batch_size),
               check_randomised(model, x[:batch_size])]

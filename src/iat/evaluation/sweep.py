@@ -5,12 +5,13 @@ image in [0, 1]^d reachable: 1 for l-inf, sqrt(d) for l2) any working attack rea
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..attacks import Natural, create_attack
+from ..attacks import Attack, Natural, create_attack
 from ..errors import UsageError
 from ..threat import make_ball
 from .accuracy import robust_accuracy
@@ -33,7 +34,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Se
               attack: str = "pgd20", norm: str = "linf", batch_size: int = 256, seed: int = 0,
               progress: bool = False) -> list[dict[str, Any]]:
     """Accuracy under `attack` at each eps, on the same examples (eps 0 is natural accuracy)."""
-    attacks = {}
+    attacks: dict[str, Attack] = {}
     for e in sorted(set(float(v) for v in eps_values)):
         if e < 0:
             raise UsageError(f"--eps-sweep values must be >= 0, got {e}")
@@ -41,7 +42,7 @@ def eps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_values: Se
     gen = torch.Generator().manual_seed(seed)
     acc = robust_accuracy(model, x, y, attacks, batch_size=batch_size, progress=progress, desc="eps sweep",
                           generator=gen)
-    return [{"eps": (0.0 if isinstance(a, Natural) else a.eps), "correct": acc.correct[k], "total": acc.total,
+    return [{"eps": float(a.describe()["eps"]), "correct": acc.correct[k], "total": acc.total,
              "accuracy": acc.correct[k] / acc.total, "protocol": a.describe()} for k, a in attacks.items()]
 
 

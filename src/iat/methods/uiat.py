@@ -21,9 +21,10 @@ from torch import nn
 
 from ..attacks import PGD, crafting_mode, kl_div
 from ..attacks.engine import unwrap
-from ..training.distributed import all_reduce_
 from ..errors import UsageError
+from ..runtime.distributed import all_reduce_
 from ..threat import ThreatModel
+from ..values import setting
 from .base import METHODS, Crafted, Method, Metrics, mean_acc, resolve
 from .single_step import HOSTS
 
@@ -42,7 +43,7 @@ class UniversalPerturbation:
     def ensure(self, x: torch.Tensor, num_classes: int) -> None:
         """Zeros on the first batch; after a checkpoint load, move next to x and check the shape."""
         shape = (num_classes, *x.shape[1:])
-        if self.delta is None:
+        if self.delta is None or self.momentum is None:
             self.delta = torch.zeros(shape, device=x.device)
             self.momentum = torch.zeros(shape, device=x.device)
         elif tuple(self.delta.shape) != shape:
@@ -51,14 +52,22 @@ class UniversalPerturbation:
         elif self.delta.device != x.device:
             self.delta, self.momentum = self.delta.to(x.device), self.momentum.to(x.device)
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """U and its momentum; they exist from the first batch on (`ensure`) or a checkpoint load."""
+        if self.delta is None or self.momentum is None:
+            raise RuntimeError("the universal inverse perturbation is used before ensure() created it")
+        return self.delta, self.momentum
+
     def inverse_example(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x~ = clip(x + U[y], 0, 1), detached (a leaf)."""
-        return (x.detach() + self.delta[y].to(x.dtype)).clamp(0, 1)
+        delta, _ = self.tensors()
+        return (x.detach() + delta[y].to(x.dtype)).clamp(0, 1)
 
     def class_stats(self, grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-class gradient sums and counts in ONE (C, D + 1) tensor: all-reduce it under DDP."""
+        delta, _ = self.tensors()
         rows = torch.cat([grad.detach().flatten(1).float(), grad.new_ones(len(y), 1, dtype=torch.float32)], 1)
-        stats = torch.zeros(self.delta.shape[0], rows.shape[1], device=grad.device)
+        stats = torch.zeros(delta.shape[0], rows.shape[1], device=grad.device)
         return stats.index_add_(0, y, rows)
 
     @torch.no_grad()
@@ -68,31 +77,36 @@ class UniversalPerturbation:
         A class whose statistics are not finite (an fp16 overflow step: the GradScaler skips that optimizer
         step too) keeps its U and momentum; returns whether any class was skipped (a tensor, no host sync).
         """
+        delta, momentum = self.tensors()
         sums, counts = stats[:, :-1], stats[:, -1:]
         finite = torch.isfinite(stats).all(1, keepdim=True)
         g = torch.where(finite, sums, 0) / counts.clamp_min(1)
         g = g / g.abs().sum(1, keepdim=True).clamp_min(1e-12)
-        present = ((counts > 0) & finite).view(-1, *([1] * (self.delta.dim() - 1)))
-        m = torch.where(present, mu * self.momentum + g.view_as(self.momentum), self.momentum)
-        u = (self.delta - step_size * m.sign()).clamp(-eps, eps)
-        self.momentum, self.delta = m, torch.where(present, u, self.delta)
+        present = ((counts > 0) & finite).view(-1, *([1] * (delta.dim() - 1)))
+        m = torch.where(present, mu * momentum + g.view_as(momentum), momentum)
+        u = (delta - step_size * m.sign()).clamp(-eps, eps)
+        self.momentum, self.delta = m, torch.where(present, u, delta)
         return ((counts > 0) & ~finite).any()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.delta is None:
+        """U and its momentum for a checkpoint ({} before the first batch)."""
+        if self.delta is None or self.momentum is None:
             return {}
         return {"universal": self.delta, "momentum": self.momentum}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore U and its momentum from a checkpoint ({}: start again from zeros on the next batch)."""
         if not state:
             self.delta = self.momentum = None
             return
         if set(state) != {"universal", "momentum"} or state["universal"].shape != state["momentum"].shape:
-            raise UsageError(f"uiat checkpoint state must hold universal and momentum of one shape, got {sorted(state)}")
+            raise UsageError("uiat checkpoint state must hold universal and momentum of one shape, "
+                             f"got {sorted(state)}")
         self.delta, self.momentum = state["universal"].float().clone(), state["momentum"].float().clone()
 
 
-@METHODS.register("uiat-fgsm", help="single-step IAT: FGSM-RS + beta KL(p(x') || p(x + U[y])), universal inverse perturbation")
+@METHODS.register("uiat-fgsm",
+                  help="single-step IAT: FGSM-RS + beta KL(p(x') || p(x + U[y])), universal inverse perturbation")
 @dataclasses.dataclass
 class UIATFGSM(Method):
     """Universal inverse adversarial training on a single-step host (Dong et al. 2023), l-inf.
@@ -126,16 +140,17 @@ class UIATFGSM(Method):
     """
 
     host: str = "fgsm-rs"
-    beta: float = 3.5
-    eps_inv: Optional[float] = None
-    step_size_inv: Optional[float] = None
-    mu: float = 0.9
-    num_classes: Optional[int] = None
+    beta: float = setting(3.5, bounds="[0, inf)")
+    eps_inv: Optional[float] = setting(None, bounds="[0, 1]")
+    step_size_inv: Optional[float] = setting(None, bounds="(0, inf)")
+    mu: float = setting(0.9, bounds="[0, 1)")
+    num_classes: Optional[int] = setting(None, bounds="[2, 1e9]")
     inverse_grad: str = "ce"
     detach_inverse: bool = False
     start: str = "random"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.host not in HOSTS:
             raise UsageError(f"host must be one of {HOSTS}, got {self.host!r}")
         if self.start not in STARTS:
@@ -148,26 +163,23 @@ class UIATFGSM(Method):
         if self.inverse_grad not in INVERSE_GRADS:
             raise UsageError(f"inverse_grad must be one of {INVERSE_GRADS}, got {self.inverse_grad!r}")
         if self.inverse_grad == "kl" and self.detach_inverse:
-            raise UsageError("inverse_grad 'kl' needs the gradient through p(x~); it cannot be used with detach_inverse")
+            raise UsageError("inverse_grad 'kl' needs the gradient through p(x~); "
+                             "it cannot be used with detach_inverse")
         if self.threat.norm != "linf":
             raise UsageError("uiat-fgsm's universal perturbation is l-inf only")
-        if not 0 <= self.mu < 1:
-            raise UsageError(f"mu (momentum of the universal perturbation) must be in [0, 1), got {self.mu}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise UsageError(f"num_classes must be at least 2, got {self.num_classes}")
         self.universal = UniversalPerturbation()
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._skipped = torch.zeros(())  # whether the previous step's U update skipped a non-finite class
 
     @classmethod
-    def build(cls, threat: ThreatModel, **options: Any) -> "UIATFGSM":
+    def build(cls, threat: ThreatModel, **options: Any) -> Method:
         """As Method.build; an explicit detach_inverse=false contradicts start 'inverse' (refused, not overridden)."""
         if options.get("start") in CRAFTED_STARTS and options.get("detach_inverse") is False:
-            raise UsageError(f"start {options['start']!r} takes the teacher p(x~) from the crafting pass, so it is always "
-                             "detached: drop detach_inverse=false")
+            raise UsageError(f"start {options['start']!r} takes the teacher p(x~) from the crafting pass, "
+                             "so it is always detached: drop detach_inverse=false")
         return super().build(threat, **options)
 
-    def attack(self, **overrides) -> PGD:
+    def attack(self, **overrides: Any) -> PGD:
         """The host recipe's single-step adversary with this method's threat model."""
         host = METHODS.get(self.host)(threat=self.threat, bn_mode=self.bn_mode)
         return host.attack(**overrides)
@@ -215,6 +227,7 @@ class UIATFGSM(Method):
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """CE(f(x'), y) + beta * KL(p(x') || p(x~)), x~ = x + U[y] (or the crafting pass's teacher)."""
         logits_adv = model(crafted["x_adv"])
         self._ensure(x, logits_adv.shape[1])
         if self.start in CRAFTED_STARTS:
@@ -256,7 +269,9 @@ class UIATFGSM(Method):
         self._skipped = self.universal.apply(stats, resolve(self.step_size_inv, eps_inv / 4), self.mu, eps_inv)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """U and its momentum (see UniversalPerturbation)."""
         return self.universal.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore U and its momentum from a checkpoint."""
         self.universal.load_state_dict(state)

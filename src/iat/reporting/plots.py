@@ -5,22 +5,13 @@ matplotlib is an optional extra: pip install "iat[plots]".
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
+from ..extras import require_matplotlib
 from ..records import MetricLine, atomic_write_bytes
-from ..errors import UsageError
-from .eval_tables import fmt_eps
-
-INSTALL_HINT = 'pip install "iat[plots]"'
-
-
-def require_matplotlib() -> None:
-    """Raise a one-line UsageError before any work when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UsageError(f"plots need matplotlib: {INSTALL_HINT}") from None
+from .render import fmt_eps
 
 
 def _figure(ncols: int, width: float = 4.2, height: float = 3.4) -> tuple[Any, list[Any]]:
@@ -75,7 +66,7 @@ def plot_training_curves(runs: Mapping[str, Sequence[MetricLine]], path: Union[s
               ("train loss", lambda r: r.train["loss"])]
     for i, (label, records) in enumerate(runs.items()):
         best = records[-1].best_epoch if records else None
-        for ax, (_, value) in zip(axes, panels):
+        for ax, (_, value) in zip(axes, panels, strict=True):
             points = [(r.epoch, _value(value, r)) for r in records]
             points = [(e, v) for e, v in points if v is not None]
             xs, ys = [e for e, _ in points], [v for _, v in points]
@@ -93,7 +84,7 @@ def _epoch_axes(axes: Sequence[Any], titles: Sequence[str], legend_size: int, fi
     and more than four entries (which would cover the first panel's curves), in columns below the panels."""
     from matplotlib.ticker import MaxNLocator
 
-    for ax, title in zip(axes, titles):
+    for ax, title in zip(axes, titles, strict=True):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(title, fontsize=10)
@@ -120,7 +111,7 @@ def plot_seed_curves(cells: Mapping[str, Mapping[int, Sequence[MetricLine]]], pa
     panels = [("val natural accuracy (%)", "val_natural"), ("val PGD-10 accuracy (%)", "val_robust"),
               ("val FGSM accuracy (%)", "val_fgsm")]
     for i, (name, seeds) in enumerate(cells.items()):
-        for ax, (_, key) in zip(axes, panels):
+        for ax, (_, key) in zip(axes, panels, strict=True):
             by_epoch: dict[int, list[float]] = {}
             for records in seeds.values():
                 for r in records:
@@ -151,7 +142,7 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
     columns = list(points["by_checkpoint"][kinds[0]]) if kinds else []
     fig, axes = _figure(max(1, len(columns)), width=4.6, height=4.2)
     option = points["option"].rsplit(".", 1)[-1]
-    for ax, column in zip(axes, columns):
+    for ax, column in zip(axes, columns, strict=False):  # no columns: one empty panel
         ticks = set()
         for i, kind in enumerate(kinds):
             data = points["by_checkpoint"][kind][column]
@@ -165,7 +156,8 @@ def plot_option_sweep(points: Mapping[str, Any], path: Union[str, Path], *, titl
                 ax.plot([p["x"] for p in line], means, "o-" if i == 0 else "s--", color=f"C{i}",
                         label=f"{kind}: mean of {n} seeds" if several else f"{kind}: 1 seed",
                         markerfacecolor="none" if i else None)
-                for p, mean in zip(line, means):  # the legend is the first panel's: name a point with fewer seeds
+                # the legend is the first panel's: name a point with fewer seeds
+                for p, mean in zip(line, means, strict=True):
                     if i == 0 and len(p["seeds"]) < counts[-1]:
                         ax.annotate(f"{len(p['seeds'])} seed{'s' * (len(p['seeds']) > 1)}", (p["x"], mean),
                                     textcoords="offset points", xytext=(6, 6), fontsize=8)

@@ -3,10 +3,10 @@ and their training curves.
 
 Numbers come from each run's eval-*.json files (what `iat eval` writes); with --eval-missing the
 missing ones are computed first. Columns show each attack's own accuracy; the cumulative columns of a
---worst-case-only eval are left out (they count towards the worst case only). Files for the same checkpoint are merged when they share the epoch,
-threat model, data and examples (the newest file's); the worst case over the merged attacks is exact
-when the files carry per-example outcomes, else it is the smallest file's worst case, an upper bound,
-marked with *.
+--worst-case-only eval are left out (they count towards the worst case only). Files for the same
+checkpoint are merged when they share the epoch, threat model, data and examples (the newest file's);
+the worst case over the merged attacks is exact when the files carry per-example outcomes, else it is
+the smallest file's worst case, an upper bound, marked with *.
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import torch
 from ..config import setting
 from ..errors import UsageError
 from ..evaluation.accuracy import unpack_flags
+from ..extras import require_matplotlib
 from ..records import EvalRecord, RunRecord, atomic_write_text, read_metrics, read_run, try_read_eval
-from .eval_tables import fmt_eps, protocol_text
-from .plots import plot_training_curves, require_matplotlib
-from .render import csv_text, markdown_table
+from .eval_tables import protocol_text
+from .plots import plot_training_curves
+from .render import csv_text, fmt_eps, markdown_table
 
 KINDS = ("best", "last")
 EMA_KINDS = ("best-ema", "last-ema")  # the EMA weights' checkpoints (optim.ema_decay), reported when asked for
@@ -60,8 +61,8 @@ def merge_evals(files: list[tuple[str, EvalRecord]]) -> dict[str, Any]:
     left_out = sorted({row["attack"] for r in same for row in r.results
                        if row["attack"] != "worst case" and row["attack"] not in rows})
     n = newest.data["n_examples"]
-    flags = [r.per_example.get("worst_case") for r in same]
-    if all(flags):
+    flags = [f for r in same if (f := r.per_example.get("worst_case"))]
+    if len(flags) == len(same):  # every file holds its per-example worst case: the merged one is exact
         worst = torch.stack([unpack_flags(f, n) for f in flags]).all(0)
         worst_correct, exact = int(worst.sum()), True
     else:
@@ -88,6 +89,7 @@ def _dataset(config: RunRecord) -> str:
 
 
 def load_run(run: Path, runs: list[Path]) -> dict[str, Any]:
+    """One run directory: its config, metrics, merged evaluations per checkpoint and label."""
     if not (run / "config.json").is_file():
         raise UsageError(f"{run} is not an iat run directory (no config.json)")
     config = read_run(run / "config.json")
@@ -113,7 +115,9 @@ def side_by_side(runs: list[dict[str, Any]], kinds: tuple[str, ...] = KINDS) -> 
     columns = _columns(runs)
     datasets = list(dict.fromkeys(r.get("dataset", "?") for r in runs))
     mixed = len(datasets) > 1  # only then a data-set column: a report of one data set is unchanged
-    rows, notes, protocols = [], [], {c: set() for c in columns}
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    protocols: dict[str, set[str]] = {c: set() for c in columns}
     for run in runs:
         for kind in kinds:
             ev = run["evals"].get(kind)
@@ -174,6 +178,7 @@ def _cell(row: dict[str, Any], col: str) -> str:
 
 
 def to_markdown(table: dict[str, Any], curves: Optional[str]) -> str:
+    """The report as Markdown: the table, its protocols and notes, the curves image."""
     cols = table["columns"]
     rows = [[*_lead(r, table, "-"), *(_cell(r, c) for c in cols)] for r in table["rows"]]
     align = ("llllrrl" if "datasets" in table else "lllrrl") + "r" * len(cols)
@@ -191,6 +196,7 @@ def to_markdown(table: dict[str, Any], curves: Optional[str]) -> str:
 
 
 def to_csv(table: dict[str, Any]) -> str:
+    """One CSV line per run and checkpoint, accuracies in [0, 1]."""
     rows = [[*_lead(r, table, ""), *(f"{r['acc'][c]:.6f}" if c in r["acc"] else "" for c in table["columns"])]
             for r in table["rows"]]
     return csv_text([*_fields(table), *table["columns"]], rows)

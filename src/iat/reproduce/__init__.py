@@ -23,12 +23,13 @@ from typing import Optional
 
 from ..config import setting
 from ..errors import UsageError
+from ..extras import require_matplotlib
 from ..training.run_dir import check_writable, run_lock
 from ..values import parse_int
 from .plan import print_plan
+from .render_table import write_table
 from .runner import run_table
 from .spec import builtin_tables, load_spec
-from .table import write_table
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class ReproduceConfig:
 
 
 def list_tables() -> None:
+    """Print the built-in tables: name, cells x seeds and title."""
     tables = builtin_tables()
     width = max(map(len, tables))
     for name, path in tables.items():
@@ -91,8 +93,6 @@ def reproduce(cfg: ReproduceConfig) -> int:
     if gpus and jobs > len(gpus):
         raise UsageError(f"--jobs {jobs} is more than the {len(gpus)} GPUs of --gpus; each cell needs its own GPU")
     if cfg.plots:
-        from ..reporting.plots import require_matplotlib
-
         require_matplotlib()
     if cfg.dry_run:
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UsageError
 from ..records import MetricLine
-from . import distributed
+from ..runtime import distributed
 
 INSTALL = 'pip install "iat[tensorboard]"'
 
@@ -46,6 +46,7 @@ class Board:
     def open(self, resumed_at: int) -> None:
         """Start writing (at the start of fit); resumed_at: the global step of the checkpoint resumed from."""
         if self.enabled and self.is_main and self.writer is None:
+            assert self._writer_cls is not None
             purge = resumed_at + 1 if resumed_at > 0 else None
             self.writer = self._writer_cls(log_dir=str(self.folder), purge_step=purge)
 
@@ -62,7 +63,7 @@ class Board:
         """After an epoch's metric line: the same numbers metrics.jsonl holds."""
         if self.writer is None:
             return
-        scalars = {f"train/{k}": v for k, v in line.train.items()}
+        scalars: dict[str, Optional[float]] = {f"train/{k}": v for k, v in line.train.items()}
         scalars.update({"val/natural": line.val_natural, "val/robust": line.val_robust, "val/fgsm": line.val_fgsm,
                         "lr": line.lr, "val/natural_ema": line.val_natural_ema, "val/robust_ema": line.val_robust_ema})
         for tag, value in scalars.items():
@@ -71,6 +72,7 @@ class Board:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file (at the end of fit); a later `open` starts a new one."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -22,17 +22,17 @@ continues it bit for bit; `best-ema` / `last-ema` checkpoints hold the EMA weigh
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from ..evaluation.accuracy import robust_accuracy
-from . import distributed
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from ..records import MetricLine
+from ..runtime import distributed
+from .progress import Progress
 
 KINDS = ("best-ema", "last-ema")  # checkpoint names beside best and last
 
@@ -55,10 +55,12 @@ class WeightEMA:
 
     @property
     def module(self) -> nn.Module:
+        """The EMA model: a copy of the model's architecture holding the averaged weights."""
         return self.averaged.module
 
     @torch.no_grad()
-    def _lerp(self, ema: list[torch.Tensor], current: list[torch.Tensor], _: Any) -> None:
+    def _lerp(self, ema: Union[tuple[torch.Tensor, ...], list[torch.Tensor]],
+              current: Union[tuple[torch.Tensor, ...], list[torch.Tensor]], _: Any) -> None:
         # ema + (1 - d) * (current - ema) = d * ema + (1 - d) * current
         torch._foreach_lerp_(ema, current, 1.0 - warm_decay(self.decay, self.updates))
 
@@ -68,30 +70,33 @@ class WeightEMA:
         self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
+        """The EMA weights and the update count (part of the training state, so a resume continues the EMA)."""
         return {"weights": self.module.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
         self.module.load_state_dict(state["weights"])
         self.updates = int(state["updates"])
         self.averaged.n_averaged.fill_(self.updates)
 
 
-def end_epoch(trainer: Trainer, n_val: int) -> dict[str, Any]:
-    """Validate the EMA weights as the model is validated, save best-ema when its robust accuracy improved;
-    the MetricLine fields of the EMA (empty without an EMA)."""
-    if trainer.ema is None:
+def end_epoch(ema: Optional[WeightEMA], p: Progress, x: torch.Tensor, y: torch.Tensor, attacks: Mapping[str, Any],
+              *, batch_size: int, device: torch.device,
+              save_best: Callable[[str, dict[str, torch.Tensor]], None]) -> dict[str, Any]:
+    """Validate the EMA weights as the model is validated (`attacks` on the validation examples x, y), save
+    best-ema through `save_best(name, weights)` when its robust accuracy improved; the MetricLine fields of
+    the EMA (empty without an EMA)."""
+    if ema is None:
         return {}
-    p, split = trainer.progress, trainer.val_split
-    acc = robust_accuracy(trainer.ema.module, split.x[:n_val], split.y[:n_val], trainer.val_attacks,
-                          batch_size=trainer.cfg.val.batch_size).rates()
-    acc = distributed.from_main(acc, trainer.device)  # rank 0's numbers decide, as for the model
+    acc = robust_accuracy(ema.module, x, y, attacks, batch_size=batch_size).rates()
+    acc = distributed.from_main(acc, device)  # rank 0's numbers decide, as for the model
     if acc["robust"] > p.best_ema_robust:
         p.best_ema_robust, p.best_ema_epoch = acc["robust"], p.epoch
-        trainer.save_best("best-ema", trainer.ema.module.state_dict())
+        save_best("best-ema", ema.module.state_dict())
     return {"val_natural_ema": acc["natural"], "val_robust_ema": acc["robust"], "best_ema_epoch": p.best_ema_epoch}
 
 
-def summary(line: Any) -> str:
+def summary(line: MetricLine) -> str:
     """The EMA's part of the epoch's printed line (a MetricLine): empty without an EMA."""
     if line.val_robust_ema is None:
         return ""

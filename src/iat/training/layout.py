@@ -32,14 +32,22 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional, Protocol
 
 import torch
+from torch import nn
 
+from ..config import TrainConfig
+from ..data import Split
 from ..errors import UsageError
-from . import distributed, speed
-from .device import rng_state, set_rng_state
+from ..methods import Method
+from ..runtime import distributed
+from ..runtime.device import rng_state, set_rng_state
+from ..runtime.distributed import DistInfo
+from . import speed
 from .optim import make_optimizer
+from .progress import Progress
 from .step import StepParts, optimizer_step
 
 EXACT = ("nchw", "channels_last")   # the layouts "auto" chooses between
@@ -52,6 +60,19 @@ COMPILED = "+compile"               # the suffix of a compiled candidate's name:
 clock = time.perf_counter           # the timer (tests put in a fake one, so a choice is deterministic)
 CPU_COMPILE = ("compile auto is false untimed on {device}: inductor compiles for minutes on a CPU and rarely "
                "wins there")
+
+
+class Host(Protocol):
+    """What the layout choice reads of the trainer that asks for it (`Trainer` is one)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dist: DistInfo
+    method: Method
+    model: nn.Module
+    progress: Progress
+    total_steps: int
+    train_split: Split
 
 
 def compile_is_timed(device: torch.device) -> bool:
@@ -75,7 +96,7 @@ def parts(name: str) -> tuple[str, bool]:
     return name.removesuffix(COMPILED), name.endswith(COMPILED)
 
 
-def resolve(trainer: Any) -> tuple[str, bool, dict[str, Any]]:
+def resolve(trainer: Host) -> tuple[str, bool, dict[str, Any]]:
     """(layout, compile, what to record about the choice) for a trainer whose speed.layout or speed.compile
     is "auto"."""
     sp = trainer.cfg.speed
@@ -102,7 +123,7 @@ def resolve(trainer: Any) -> tuple[str, bool, dict[str, Any]]:
     return _chosen(choose(about, sp.compile == "auto"), about)
 
 
-def _time(trainer: Any, names: list[str], about: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+def _time(trainer: Host, names: list[str], about: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     """(the names timed, their timing). With compile "auto", the eager candidates are timed first, and the
     compiled ones join them (all timed again, interleaved) only if the run, at the fastest eager step, would
     train for MIN_COMPILE_RUN_SECONDS: a shorter one could not pay for compiling."""
@@ -125,7 +146,7 @@ def _chosen(name: str, about: dict[str, Any]) -> tuple[str, bool, dict[str, Any]
     return layout, compiled, about
 
 
-def _steps_left(trainer: Any) -> int:
+def _steps_left(trainer: Host) -> int:
     return trainer.total_steps - trainer.progress.global_step
 
 
@@ -184,7 +205,7 @@ def describe(about: dict[str, Any]) -> str:
             f"{'; '.join([times, *dropped, *notes])})")
 
 
-def time_candidates(trainer: Any, names: list[str]) -> dict[str, Any]:
+def time_candidates(trainer: Host, names: list[str]) -> dict[str, Any]:
     """Median seconds of one training step of each candidate, the compiled ones' warm-up seconds, and the
     compiled ones that raised (dropped, with their errors)."""
     steps = {name: _candidate(trainer, *parts(name)) for name in names}
@@ -223,7 +244,8 @@ def measure(steps: dict[str, Callable[[], Any]], warmup: dict[str, int], timed: 
             text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # dynamo: 2+ lines
             dropped[name] = f"{type(err).__name__}: {text[:300]}"
 
-    warm, seconds = {}, {name: [] for name in steps}
+    warm: dict[str, float] = {}
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for name in steps:
         t0 = clock()
         for _ in range(warmup[name]):
@@ -242,7 +264,7 @@ def measure(steps: dict[str, Callable[[], Any]], warmup: dict[str, int], timed: 
             {n: w for n, w in warm.items() if n not in dropped}, dropped)
 
 
-def _candidate(trainer: Any, layout: str, compiled: bool) -> Callable[[], Any]:
+def _candidate(trainer: Host, layout: str, compiled: bool) -> Callable[[], Any]:
     """One training step of copies of the trainer's model, method and optimizer in `layout` (under
     torch.compile if `compiled`), on its first training images (this rank's share of the batch)."""
     cfg = trainer.cfg

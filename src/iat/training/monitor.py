@@ -27,11 +27,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..attacks import create_attack
 from ..evaluation.accuracy import robust_accuracy
 from ..records import MetricLine
+from ..threat import ThreatModel
+from .progress import Progress
 
 RATIO = 0.3
 DROP = 0.20
@@ -73,20 +77,19 @@ def co_epochs(records: list[MetricLine]) -> list[tuple[int, str]]:
     return flagged
 
 
-def check_overfitting(trainer: Any, pgd: float) -> dict[str, Any]:
-    """FGSM accuracy on the trainer's validation examples and the CO verdict for this epoch.
+def check_overfitting(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, p: Progress,
+                      pgd: float, batch_size: int) -> dict[str, Any]:
+    """FGSM accuracy on the validation examples (x, y) and the CO verdict for this epoch, whose validation
+    PGD accuracy is `pgd`.
 
-    Called from Trainer.end_epoch before the best-checkpoint bookkeeping, so trainer.progress.best_robust
-    is still the best of the earlier epochs (it is saved in checkpoints, so the rule survives resume).
+    Called from Trainer.end_epoch before the best-checkpoint bookkeeping, so p.best_robust is still the best
+    of the earlier epochs (it is saved in checkpoints, so the rule survives resume).
     FGSM has no random start: it draws no random numbers and leaves the training RNG stream alone.
     """
-    cfg = trainer.cfg
-    n = min(cfg.val.n_examples, len(trainer.val_split))
-    fgsm = create_attack("fgsm", eps=trainer.threat.eps, norm=trainer.threat.norm)
-    acc = robust_accuracy(trainer.model, trainer.val_split.x[:n], trainer.val_split.y[:n], {"fgsm": fgsm},
-                          batch_size=cfg.val.batch_size).rates()["fgsm"]
-    best_fgsm = max([-1.0] + [h["val_fgsm"] for h in trainer.progress.history if h.get("val_fgsm") is not None])
-    reason = co_rule(acc, pgd, trainer.progress.best_robust, best_fgsm)
+    fgsm = create_attack("fgsm", eps=threat.eps, norm=threat.norm)
+    acc = robust_accuracy(model, x, y, {"fgsm": fgsm}, batch_size=batch_size).rates()["fgsm"]
+    best_fgsm = max([-1.0] + [h["val_fgsm"] for h in p.history if h.get("val_fgsm") is not None])
+    reason = co_rule(acc, pgd, p.best_robust, best_fgsm)
     if reason:
-        tqdm.write(f"WARNING: catastrophic overfitting suspected at epoch {trainer.progress.epoch}: {reason}")
+        tqdm.write(f"WARNING: catastrophic overfitting suspected at epoch {p.epoch}: {reason}")
     return {"val_fgsm": acc, "co_detected": reason is not None, "co_reason": reason}

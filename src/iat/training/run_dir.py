@@ -9,18 +9,19 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import signal
 import shutil
+import signal
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from .. import config as C
 from ..errors import UsageError
 from ..records import RunRecord, read_run
-from .checkpoint import load_checkpoint
+from ..runtime.checkpoint import load_checkpoint
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "tensorboard")
 EVAL_FILES = ("eval-*.json", "eval-*.csv", "eval-*.md", "eval-*-eps-sweep.png")  # what iat eval writes beside a run
@@ -45,7 +46,8 @@ def saved_run(out: Path) -> RunRecord:
     return record
 
 
-def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None, overwrite: bool = False) -> dict[str, Any]:
+def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None,
+          overwrite: bool = False) -> dict[str, Any]:
     """Train `cfg` into `out`: a new run, the continuation of `saved` (from saved_run), or a replacement."""
     from .trainer import Trainer
 
@@ -240,15 +242,21 @@ def clear(out: Path) -> None:
                          f"({err.strerror}: {err.filename}); remove that folder yourself") from None
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work: `out` must be, or be creatable in, a folder we can really write to."""
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Fail before any work: `out` (given as `flag`) must be, or be creatable in, a folder we can really write
+    to; a symbolic link on the way that leads nowhere (a loop, a missing target) is named as such."""
+    for part in (out, *out.parents):
+        if part.is_symlink() and not part.exists():
+            raise UsageError(f"{part} is a symbolic link that leads nowhere (a loop, or its target is missing); "
+                             f"fix or remove the link, or choose another {flag}")
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"cannot create {out}: {probe} is a file, not a folder; choose another --out")
+        where = f"{out} is a file" if probe == out else f"cannot create {out}: {probe} is a file"
+        raise UsageError(f"{where}, not a folder; choose another {flag}")
     try:  # a real write, because as root os.access says yes even on a read-only mount
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as err:
-        raise UsageError(f"cannot write to {probe} ({err.strerror}); choose another --out") from None
+        raise UsageError(f"cannot write to {probe} ({err.strerror}); choose another {flag}") from None

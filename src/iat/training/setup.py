@@ -10,7 +10,7 @@ from ..data import BatchLoader, Split
 from ..errors import UsageError
 from ..methods import Method, create_method
 from ..registry import Registry, did_you_mean
-from ..values import check_range
+from ..values import check_bounds
 from . import speed
 
 
@@ -31,13 +31,12 @@ def check_choices(cfg: Any, prefix: str = "", skip: tuple[str, ...] = ()) -> Non
     """Every field lies in its range, and every field with choices holds one of them (a typo suggests the
     nearest name)."""
     named = registries()
+    check_bounds(cfg, prefix)
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_choices(value, f"{prefix}{f.name}.", skip)
             continue
-        if f.metadata.get("bounds"):
-            check_range(value, f.metadata["bounds"], f"{prefix}{f.name}")
         choices = f.metadata.get("choices")
         if choices is None or f"{prefix}{f.name}" in skip:
             continue

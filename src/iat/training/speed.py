@@ -11,9 +11,9 @@ exact candidates by a few timed steps (compiled ones on CUDA only), recorded in 
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import ContextManager, Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -24,13 +24,14 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def validate(speed) -> None:
+    """A UsageError unless amp is none / bf16 / fp16 and compile is auto, true or false."""
     if speed.amp not in AMP_DTYPES:
         raise UsageError(f"speed.amp must be one of {', '.join(AMP_DTYPES)}, got {speed.amp!r}")
     if not (speed.compile == "auto" or isinstance(speed.compile, bool)):
         raise UsageError(f"speed.compile must be auto, true or false, got {speed.compile!r}")
 
 
-def autocast(device: torch.device, amp: str) -> ContextManager:
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
     """Mixed precision for forwards inside (a no-op for amp = "none")."""
     dtype = AMP_DTYPES[amp]
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
@@ -42,19 +43,24 @@ def grad_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
 
 
 def channels_last(speed) -> bool:
+    """Whether the layout is "channels_last" (NHWC)."""
     return speed.layout == "channels_last"
 
 
 def memory_format(speed) -> torch.memory_format:
+    """torch's memory format of the layout: channels_last, else contiguous (NCHW)."""
     return torch.channels_last if channels_last(speed) else torch.contiguous_format
 
 
 def prepare_model(model: nn.Module, speed) -> nn.Module:
     """channels_last weights (in place; the module and its parameters stay the same objects)."""
-    return model.to(memory_format=torch.channels_last) if channels_last(speed) else model
+    if not channels_last(speed):
+        return model
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
 
 
 def prepare_input(x: torch.Tensor, speed) -> torch.Tensor:
+    """A 4-D batch in channels_last memory for that layout; x itself otherwise."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last(speed) and x.dim() == 4 else x
 
 
@@ -62,7 +68,7 @@ def maybe_compile(model: nn.Module, speed) -> nn.Module:
     """torch.compile for compile = true (the trainer resolves "auto" to a bool before it builds the forward)."""
     if speed.compile not in (True, False):
         raise ValueError(f"speed.compile {speed.compile!r} is not resolved to true or false")
-    return torch.compile(model) if speed.compile else model
+    return cast(nn.Module, torch.compile(model)) if speed.compile else model  # an OptimizedModule
 
 
 def native_bf16(device: torch.device, cpuinfo: Path = Path("/proc/cpuinfo")) -> Optional[str]:

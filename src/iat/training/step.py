@@ -1,15 +1,18 @@
 """One optimizer step of a method: what the trainer runs each batch and the layout timer runs on copies."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
 
+from ..attacks.engine import noise_of_global_batch
+from ..config import SpeedConfig
 from ..methods import Method
-from . import distributed, speed
+from ..runtime import distributed
+from . import speed
 
 
 @dataclass
@@ -22,7 +25,7 @@ class StepParts:
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    speed: object       # config.SpeedConfig with a resolved layout
+    speed: SpeedConfig  # with a resolved layout
     grad_clip: float
     device: torch.device
 
@@ -38,5 +41,13 @@ def optimizer_step(p: StepParts, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
 
 @contextmanager
 def _forward(p: StepParts) -> Iterator[None]:
-    with speed.autocast(p.device, p.speed.amp), distributed.sharded_noise():
+    with speed.autocast(p.device, p.speed.amp), sharded_noise():
+        yield
+
+
+@contextmanager
+def sharded_noise() -> Iterator[None]:
+    """Inside, the attack engine draws noise for the whole global batch and keeps this rank's slice."""
+    me = distributed.info()
+    with noise_of_global_batch(me.rank, me.world_size):
         yield

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,29 +25,18 @@ from ..evaluation.accuracy import robust_accuracy
 from ..evaluation.loading import model_spec_for
 from ..evaluation.sanity import check_class_coverage
 from ..models import create_model
-from ..records import MetricLine, RunRecord, append_metric, first_difference, read_metrics, write_metrics, write_run
-from . import distributed, ema, guards, layout, speed
+from ..records import MetricLine, RunRecord, append_metric, read_metrics, write_metrics, write_run
+from ..runtime import distributed
+from ..runtime.checkpoint import load_checkpoint, save_checkpoint
+from ..runtime.device import resolve_device, rng_state, seed_everything, set_rng_state
+from ..same_run import first_difference
+from . import ema, guards, layout, speed
 from .board import Board
-from .checkpoint import load_checkpoint, save_checkpoint
-from .device import resolve_device, rng_state, seed_everything, set_rng_state
 from .monitor import check_overfitting
 from .optim import lr_factor, make_optimizer
+from .progress import Progress
 from .setup import build_method, make_loader, validate_config
 from .step import StepParts, optimizer_step
-
-
-@dataclass
-class Progress:
-    epoch: int = 0              # epochs completed
-    step: int = 0               # batches completed within the current epoch
-    global_step: int = 0
-    best_robust: float = -1.0
-    best_epoch: int = -1
-    best_ema_robust: float = -1.0
-    best_ema_epoch: int = -1
-    elapsed: float = 0.0        # training seconds so far, across resumes
-    history: list = field(default_factory=list)
-    epoch_sums: dict = field(default_factory=dict)  # metric sums over the current epoch's batches so far
 
 
 class Trainer:
@@ -85,7 +73,7 @@ class Trainer:
         self.train_model: Optional[nn.Module] = None  # set once the layout and compile are known
         self.speed_auto: Optional[dict[str, Any]] = None
         if "auto" not in (cfg.speed.layout, cfg.speed.compile):
-            self.use_speed(cfg.speed.layout, cfg.speed.compile)
+            self.use_speed(cfg.speed.layout, cfg.speed.compile is True)
 
     def use_speed(self, layout_name: str, compiled: bool, about: Optional[dict[str, Any]] = None) -> None:
         """Put the model in layout `layout_name` (its parameters stay the same objects, so the optimizer keeps
@@ -95,7 +83,8 @@ class Trainer:
         self.cfg = dataclasses.replace(self.cfg, speed=chosen)
         self.speed_auto = about
         speed.prepare_model(self.model, self.cfg.speed)
-        ddp = distributed.wrap(self.model, self.device, sync_bn=self.cfg.distributed.sync_bn)  # BN layers converted first
+        # BN layers converted first
+        ddp = distributed.wrap(self.model, self.device, sync_bn=self.cfg.distributed.sync_bn)
         self.train_model = speed.maybe_compile(ddp, self.cfg.speed)
 
     def _val_attack(self):
@@ -111,6 +100,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
+        """The full training state (what last.safetensors holds and `resume` restores); the epoch sums are
+        averaged over ranks, so every rank calls it."""
         p = self.progress
         return {"kind": "train-state", "resolved": self.record().to_dict(), "model_spec": self.spec,
                 "model": self.model.state_dict(), "method_state": self.method.state_dict(),
@@ -120,7 +111,7 @@ class Trainer:
 
     def save(self) -> None:
         """Every rank calls this (the epoch sums are averaged over ranks); rank 0 writes, the others wait."""
-        guards.check_weights(self)
+        guards.check_weights(self.model, self.progress, self.out)
         state = self.state()
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints" / "last.safetensors", state)
@@ -130,7 +121,7 @@ class Trainer:
 
     def save_best(self, name: str = "best", weights: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Weights only (the model's, or `weights`: the EMA's) as checkpoints/NAME.safetensors."""
-        guards.check_weights(self)
+        guards.check_weights(self.model, self.progress, self.out)
         if self.dist.is_main:
             save_checkpoint(self.out / "checkpoints" / f"{name}.safetensors", {
                 "kind": "model", "resolved": self.record().to_dict(), "model_spec": self.spec,
@@ -194,6 +185,16 @@ class Trainer:
 
     # ----------------------------------------------------------------- training
     def fit(self) -> dict[str, Any]:
+        """Train from the current epoch (0, or where `resume` left off) to optim.epochs, into `out`.
+
+        Resolves layout and compile "auto" first and writes config.json; then each epoch trains, validates,
+        appends its metrics line, saves the checkpoints and prints its summary line. Every rank of a
+        distributed run calls it; rank 0 writes the files and prints.
+
+        Returns:
+            {"best_epoch", "best_val_robust": its validation robust accuracy, "epochs": epochs trained,
+            "train_seconds": training time over all epochs, validation excluded}.
+        """
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self._start_notes()
@@ -220,13 +221,14 @@ class Trainer:
         opt into."""
         if self.train_model is None:
             self.use_speed(*layout.resolve(self))
-            if self.dist.is_main:
+            if self.dist.is_main and self.speed_auto is not None:
                 tqdm.write(layout.describe(self.speed_auto))  # stdout, with the epoch lines
         hint = speed.bf16_hint(self.device, self.cfg.speed)
         if hint and self.dist.is_main:
             tqdm.write(hint)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train the batches of `epoch` left (all, unless resumed mid-epoch); the epoch's metric means over ranks."""
         p, cfg = self.progress, self.cfg
         self.model.train()
         if p.step == 0:
@@ -246,20 +248,33 @@ class Trainer:
             self.board.step(p.global_step, metrics)
             bar.update(1)
             if p.step % 20 == 0 or p.step == len(self.loader):
-                guards.check_finite(self, bad_step, epoch)
+                guards.check_finite(bad_step, epoch, self.out, self.dist)
                 bar.set_postfix({k: f"{float(v) / p.step:.3f}" for k, v in sums.items()})
             if cfg.checkpoint_every_steps and p.step % cfg.checkpoint_every_steps == 0 and p.step < len(self.loader):
-                guards.check_finite(self, bad_step, epoch)
+                guards.check_finite(bad_step, epoch, self.out, self.dist)
                 self.save()
         bar.close()
-        guards.check_finite(self, bad_step, epoch)
+        guards.check_finite(bad_step, epoch, self.out, self.dist)
         return {k: float(v) / max(p.step, 1) for k, v in distributed.rank_mean(sums).items()}
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimizer step of the method on a batch, then the lr schedule's step and the EMA's update.
+
+        The eps warm-up scales the threat model for this step; the progress counters are not advanced here
+        (`train_epoch` does that). Needs the training forward, which `fit` (or `use_speed`) builds.
+
+        Args:
+            x: this rank's images, float in [0, 1], NCHW.
+            y: their class indices.
+
+        Returns:
+            The loss that was backpropagated, and the method's metrics (detached, "loss" among them).
+        """
         if self.warmup_steps:  # eps warm-up: a per-step scale of the one threat model, never a change of the run
             f = min(1.0, (self.progress.global_step + 1) / self.warmup_steps)
             self.method.threat = self.threat.scaled(f)
         self.method.at_step(self.progress.global_step, self.total_steps)
+        assert self.train_model is not None, "fit() sets the layout before the first step"
         loss, metrics = optimizer_step(StepParts(self.method, self.model, self.train_model, self.optimizer, self.scaler,
                                                  self.cfg.speed, self.cfg.optim.grad_clip, self.device), x, y)
         self.scheduler.step()
@@ -268,19 +283,24 @@ class Trainer:
         return loss, metrics
 
     def end_epoch(self, epoch: int, train_metrics: dict[str, float], train_time: float) -> MetricLine:
+        """Validate, run the overfitting monitor, save best (and best-ema) on a better robust accuracy, append the
+        epoch's metrics line and save the training state; returns that line."""
         p = self.progress
         n_val = min(self.cfg.val.n_examples, len(self.val_split))
-        acc = robust_accuracy(self.model, self.val_split.x[:n_val], self.val_split.y[:n_val], self.val_attacks,
-                              batch_size=self.cfg.val.batch_size).rates()
+        x_val, y_val = self.val_split.x[:n_val], self.val_split.y[:n_val]
+        acc = robust_accuracy(self.model, x_val, y_val, self.val_attacks, batch_size=self.cfg.val.batch_size).rates()
         acc = distributed.from_main(acc, self.device)  # every rank validates; rank 0's numbers decide
         p.epoch, p.step = epoch + 1, 0
-        co = check_overfitting(self, acc["robust"])  # before best_robust counts this epoch
+        # before best_robust counts this epoch
+        co = check_overfitting(self.model, x_val, y_val, self.threat, p, acc["robust"], self.cfg.val.batch_size)
         if acc["robust"] > p.best_robust:
             p.best_robust, p.best_epoch = acc["robust"], epoch + 1
             self.save_best()
+        ema_fields = ema.end_epoch(self.ema, p, x_val, y_val, self.val_attacks, batch_size=self.cfg.val.batch_size,
+                                   device=self.device, save_best=self.save_best)
         line = MetricLine(epoch=epoch + 1, lr=self.optimizer.param_groups[0]["lr"], train=train_metrics,
                           val_natural=acc["natural"], val_robust=acc["robust"], val_examples=n_val,
-                          epoch_seconds=train_time, best_epoch=p.best_epoch, **co, **ema.end_epoch(self, n_val),
+                          epoch_seconds=train_time, best_epoch=p.best_epoch, **co, **ema_fields,
                           images_per_second=len(self.loader) * self.cfg.optim.batch_size / max(train_time, 1e-9))
         p.history.append({"epoch": epoch + 1, "val_natural": acc["natural"], "val_robust": acc["robust"],
                           "val_fgsm": line.val_fgsm})
@@ -291,6 +311,7 @@ class Trainer:
         return line
 
     def summary_line(self, r: MetricLine) -> str:
+        """The line printed after an epoch: training means, validation accuracies (and the EMA's), timing."""
         train = " ".join(f"{k} {v:.3f}" for k, v in r.train.items())
         return (f"epoch {r.epoch}/{self.cfg.optim.epochs}  {train}  val natural {r.val_natural:.2%}  "
                 f"val {self.cfg.val.attack}-{self.cfg.val.steps} {r.val_robust:.2%}  {ema.summary(r)}"

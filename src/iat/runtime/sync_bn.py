@@ -41,6 +41,7 @@ class GlobalBatchNorm(_BatchNorm):
             raise ValueError(f"expected an input with a channel dimension, got {x.dim()}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x normalised with the global batch's statistics in training mode (a collective), else as BatchNorm."""
         if not self.training or _world() == 1:
             return super().forward(x)
         self._check_input_dim(x)
@@ -69,6 +70,7 @@ class GlobalBatchNorm(_BatchNorm):
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, total: torch.Tensor) -> None:
         if not self.track_running_stats:
             return
+        assert self.num_batches_tracked is not None and self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         unbiased = var * total / (total - 1).clamp_min(1)

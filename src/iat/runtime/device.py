@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import numpy as np
 import torch
@@ -23,6 +24,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (torch's seeds every CUDA device too).
+
+    Args:
+        seed: the seed; NumPy takes it modulo 2**32.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -31,7 +37,7 @@ def seed_everything(seed: int) -> None:
 def rng_state() -> dict:
     """Every global generator's state, as tensors and plain numbers (what checkpoints can hold)."""
     version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
     state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
              "numpy": [torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available():
@@ -40,6 +46,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the generators from `rng_state()`'s dict; those it lacks (and CUDA's without CUDA) stay as they are."""
     torch.set_rng_state(state["torch"])
     if "python" in state:
         version, internal, gauss = state["python"]

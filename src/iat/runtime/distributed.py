@@ -6,7 +6,7 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `setup` reads them and joins the process group (gloo on
 CPU, nccl on CUDA). optim.batch_size stays the GLOBAL batch: each of W ranks takes batch_size / W of
 it, so a run's arithmetic does not depend on how many processes run it (up to floating-point order).
-Random starts of attacks are drawn for the global batch and sliced per rank (`sharded_noise`), so two
+Random starts of attacks are drawn for the global batch and sliced per rank (`training/step.py: sharded_noise`), so two
 ranks of batch B craft exactly the examples one process of batch 2B crafts. BatchNorm statistics are
 per rank unless distributed.sync_bn (--sync-bn) makes them those of the global batch (sync_bn.py).
 """
@@ -14,30 +14,31 @@ from __future__ import annotations
 
 import atexit
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from ..attacks.engine import noise_of_global_batch
 from ..errors import UsageError
 from .sync_bn import convert as convert_sync_bn
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """A process's place in the run: its global rank, the number of processes, its rank on its node."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
+        """Whether this is a multi-process run (world_size > 1)."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this is rank 0, the process that writes files and prints."""
         return self.rank == 0
 
 
@@ -77,11 +78,13 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
 
 
 def cleanup() -> None:
+    """Leave the process group, if one is up (registered at exit by `setup`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (a no-op in a single process)."""
     if info().enabled:
         dist.barrier()
 
@@ -92,14 +95,6 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         dist.all_reduce(tensor, op=ops[op])
     return tensor
-
-
-@contextmanager
-def sharded_noise() -> Iterator[None]:
-    """Inside, the attack engine draws noise for the whole global batch and keeps this rank's slice."""
-    me = info()
-    with noise_of_global_batch(me.rank, me.world_size):
-        yield
 
 
 def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool = False) -> torch.nn.Module:
@@ -125,7 +120,7 @@ def rank_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     keys = list(values)  # the same insertion order on every rank (the same code ran)
     stacked = torch.stack([torch.as_tensor(values[k]).float() for k in keys])
     all_reduce_(stacked)
-    return {k: v / me.world_size for k, v in zip(keys, stacked)}
+    return {k: v / me.world_size for k, v in zip(keys, stacked, strict=True)}
 
 
 def from_main(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -135,4 +130,4 @@ def from_main(values: dict[str, float], device: torch.device) -> dict[str, float
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
-    return {**values, **{k: float(v) for k, v in zip(keys, t.tolist())}}
+    return {**values, **{k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}}

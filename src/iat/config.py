@@ -9,32 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any, Optional, Union, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI (tomllib is tomli, adopted by the standard library)
+    import tomli as tomllib
 
 from .errors import UsageError
 from .registry import did_you_mean
 from .threat import ThreatModel
-from .values import AutoBool, coerce
+from .values import AutoBool, coerce, setting  # setting: also imported from here by other sections' modules
 
 AUGMENTS = ("auto", "none", "crop-flip", "crop")
 AMPS = ("none", "bf16", "fp16")
 LAYOUTS = ("auto", "nchw", "channels_last")
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: Any = None, flag: Optional[str] = None,
-            factory: Any = dataclasses.MISSING, bounds: Optional[str] = None) -> Any:
-    """A config field with its help line, its choices (a tuple, or the name of a registry: "methods", ...),
-    the short command-line flag it gets (default: --section-name) and its range (values.check_range)."""
-    meta = {"help": help, "choices": choices, "flag": flag, "bounds": bounds}
-    if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
 @dataclasses.dataclass
 class DataConfig:
+    """The data set, its split and augmentation."""
+
     name: str = setting("mnist", "data set", choices="datasets", flag="dataset")
     root: Optional[str] = setting(None, "data root folder; none: $IAT_DATA_DIR, else ./data", flag="data-dir")
     val_size: Optional[int] = setting(None, "training images held out for validation and checkpoint selection "
@@ -46,6 +43,8 @@ class DataConfig:
 
 @dataclasses.dataclass
 class OptimConfig:
+    """Optimizer, learning-rate schedule and the training length."""
+
     optimizer: str = setting("sgd", "optimizer", choices="optimizers", flag="optimizer")
     epochs: int = setting(10, "training epochs", flag="epochs", bounds="[1, 1e9]")
     batch_size: int = setting(128, "global batch size (split over torchrun processes)", flag="batch-size",
@@ -102,6 +101,8 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
+    """A training run: method, model, seed, device and every section; what `iat train` resolves and saves."""
+
     method: str = setting("iat", "training method", choices="methods", flag="method")
     model: str = setting("cnn", "architecture: a registered name or package.module:factory, a factory(num_classes=, "
                          "in_channels=, input_size=) returning an nn.Module (its module on PYTHONPATH)",
@@ -207,8 +208,10 @@ def read_config_file(path: Union[str, Path]) -> dict[str, Any]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as nested plain dicts (what checkpoints and results record)."""
     return dataclasses.asdict(cfg)
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from defaults updated by nested `values` (a recorded or parsed config), checked as `update`."""
     return update(TrainConfig(), values)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -64,46 +65,60 @@ BALLS: Registry[Ball] = Registry("norm")
 @BALLS.register("linf", help="l-infinity ball: every pixel moves by at most eps")
 @dataclasses.dataclass(frozen=True)
 class LinfBall(Ball):
+    """The l-infinity ball: every pixel moves by at most eps (sign steps, clamping)."""
+
     norm = "linf"
 
     def size(self, delta: torch.Tensor) -> torch.Tensor:
+        """max_i |delta_i| per example."""
         return delta.flatten(1).abs().amax(1)
 
     def random(self, shape: torch.Size, radius: float, draw: Noise) -> torch.Tensor:
+        """Uniform in [-radius, radius] per coordinate."""
         return (2 * draw(torch.rand, shape) - 1) * radius
 
     def ascent(self, grad: torch.Tensor) -> torch.Tensor:
+        """sign(grad)."""
         return grad.sign()
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
+        """Clamp every coordinate to [-eps, eps]."""
         return delta.clamp(-self.eps, self.eps)
 
     def full_range(self, input_numel: int) -> float:
+        """1: every pixel can reach 0 and 1."""
         return 1.0
 
 
 @BALLS.register("l2", help="l2 ball: the perturbation's Euclidean norm is at most eps")
 @dataclasses.dataclass(frozen=True)
 class L2Ball(Ball):
+    """The l2 ball: the perturbation's Euclidean norm is at most eps (normalised steps, rescaling)."""
+
     norm = "l2"
 
     def size(self, delta: torch.Tensor) -> torch.Tensor:
+        """||delta||_2 per example."""
         return delta.flatten(1).norm(dim=1)
 
     def random(self, shape: torch.Size, radius: float, draw: Noise) -> torch.Tensor:
+        """A uniform direction times a radius uniform in [0, radius]."""
         direction = draw(torch.randn, shape)
         r = _per_example(direction, draw(torch.rand, shape[:1]))
         return direction / l2_norm(direction) * r * radius
 
     def ascent(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad / ||grad||_2 per example."""
         return grad / l2_norm(grad)
 
     def project(self, delta: torch.Tensor) -> torch.Tensor:
+        """Rescale each example outside the ball onto its surface."""
         norm = delta.flatten(1).norm(dim=1)
         factor = torch.where(norm > self.eps, self.eps / norm, torch.ones_like(norm))  # inside: unchanged
         return delta * _per_example(delta, factor)
 
     def full_range(self, input_numel: int) -> float:
+        """sqrt(d): the diagonal of [0, 1]^d."""
         return math.sqrt(input_numel)
 
 
@@ -121,7 +136,24 @@ class ThreatModel:
     found by PGD with `steps` steps of `step_size` (the training adversary and the default effort).
 
     Defaults: l-inf, eps 8/255, step 2/255, 10 steps (PGD-10 of Madry et al. 2018 on CIFAR-10); `iat train`
-    without an eps takes the data set's standard instead (data.standards).
+    without an eps takes the data set's standard instead (data.standards). This is the one place that checks
+    these four values: `PGD` builds its threat model from its own, so an attack and a run agree on them.
+
+    Args:
+        eps: radius of the ball, pixel units; in [0, 1] for l-inf (images in [0, 1]), >= 0 for l2.
+        step_size: PGD step, pixel units (> 0).
+        steps: PGD iterations (>= 1).
+        norm: "linf" or "l2" (`BALLS`).
+
+    Raises:
+        UsageError: a value out of its range, as one line naming it.
+
+    >>> threat = ThreatModel(eps=8/255, step_size=2/255, steps=10, norm="linf")
+    >>> threat.ball.norm, threat.scaled(0.5).eps == 4/255
+    ('linf', True)
+    >>> ThreatModel(steps=0)
+    Traceback (most recent call last):
+    iat.errors.UsageError: attack steps must be at least 1, got 0
     """
 
     eps: float = dataclasses.field(default=8 / 255, metadata={
@@ -145,17 +177,20 @@ class ThreatModel:
 
     @property
     def ball(self) -> Ball:
+        """The geometry of this threat model's ball (random start, step, projection)."""
         return make_ball(self.norm, self.eps)
 
-    def scaled(self, factor: float) -> "ThreatModel":
+    def scaled(self, factor: float) -> ThreatModel:
         """eps and step size times `factor` (eps warm-up); norm and steps unchanged."""
         return dataclasses.replace(self, eps=self.eps * factor, step_size=self.step_size * factor)
 
-    def with_eps(self, eps: Optional[float] = None, norm: Optional[str] = None) -> "ThreatModel":
+    def with_eps(self, eps: Optional[float] = None, norm: Optional[str] = None) -> ThreatModel:
         """The same threat model at another radius or norm (evaluation overrides); step size keeps its ratio."""
         eps = self.eps if eps is None else eps
         ratio = self.step_size / self.eps if self.eps > 0 else 0.25
-        return dataclasses.replace(self, eps=eps, norm=norm or self.norm, step_size=ratio * eps if eps > 0 else self.step_size)
+        step_size = ratio * eps if eps > 0 else self.step_size
+        return dataclasses.replace(self, eps=eps, norm=norm or self.norm, step_size=step_size)
 
     def describe(self) -> dict:
+        """The threat model as a plain dict, for results files."""
         return dataclasses.asdict(self)

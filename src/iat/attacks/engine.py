@@ -7,21 +7,22 @@ loop with `descent=True`. Inputs are images in [0, 1]; eps and step sizes are in
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..threat import BALLS, Ball, make_ball
+from ..threat import BALLS, Ball, ThreatModel
 from .losses import ATTACK_LOSSES, LossFn
 
 NORMS = tuple(BALLS.names())
 BN_MODES = ("train", "eval", "keep")
 
-# (rank, world_size) while the trainer of a multi-process run crafts (see training.distributed)
+# (rank, world_size) while the trainer of a multi-process run crafts (see training/step.py: sharded_noise)
 _NOISE_SHARD: contextvars.ContextVar[Optional[tuple[int, int]]] = contextvars.ContextVar("iat_noise_shard",
                                                                                           default=None)
 
@@ -59,7 +60,8 @@ def crafting_mode(model: nn.Module, bn_mode: str = "keep") -> Iterator[nn.Module
             m.training = training
 
 
-def _draw(fn, shape: torch.Size, generator: Optional[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+def _draw(fn: Callable[..., torch.Tensor], shape: torch.Size, generator: Optional[torch.Generator],
+          like: torch.Tensor) -> torch.Tensor:
     """fp32 noise from `generator` on its own device, moved next to `like`.
 
     Under `noise_of_global_batch` the noise of the whole global batch (world_size x this rank's) is
@@ -83,12 +85,31 @@ def unwrap(model: nn.Module) -> nn.Module:
 class PGD:
     """Projected gradient attack (Madry et al. 2018), ascent or descent, l-inf or l2.
 
-    eps: radius of the threat ball (pixel units, e.g. 8/255). step_size: per step (2/255).
-    steps: iterations (10). norm: "linf" | "l2". loss: "ce" | "cw" | "kl" or a callable
-    (logits, y, reference) -> per-example loss. descent: False for the adversary, True for the
-    inverse adversary. random_start: uniform start inside init_scale * eps. project: False takes
-    steps without projecting onto the eps-ball (N-FGSM). restarts: keep the worst case per example.
-    bn_mode: BatchNorm mode while crafting ("train" | "eval" | "keep").
+    Args:
+        eps: radius of the threat ball (pixel units; 8/255).
+        step_size: per step, pixel units (2/255).
+        steps: iterations (10).
+        norm: "linf" | "l2" ("linf").
+        loss: "ce" | "cw" | "kl" (`ATTACK_LOSSES`) or a callable (logits, y, reference) -> per-example loss
+            ("ce").
+        descent: False for the adversary (ascent), True for the inverse adversary (False).
+        random_start: start uniformly inside init_scale * eps (True).
+        init_scale: radius of the random start in units of eps (1.0).
+        project: project each step onto the eps-ball; False only clips to [0, 1] (N-FGSM) (True).
+        restarts: runs, keeping the worst case per example (1).
+        bn_mode: BatchNorm mode while crafting, "train" | "eval" | "keep" ("keep").
+
+    eps, step_size, steps and norm are checked by `ThreatModel` (one place for the four); a bad value is a
+    one-line UsageError.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    >>> x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    >>> attack = PGD(eps=8/255, step_size=2/255, steps=10)
+    >>> x_adv = attack(model, x, y, generator=torch.Generator().manual_seed(0))
+    >>> x_adv.shape, bool((x_adv - x).abs().max() <= 8/255 + 1e-6)
+    (torch.Size([4, 3, 8, 8]), True)
     """
 
     eps: float = 8 / 255
@@ -106,11 +127,8 @@ class PGD:
     ball: Ball = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ball", make_ball(self.norm, self.eps))
-        if self.steps < 1:
-            raise UsageError(f"attack steps must be at least 1, got {self.steps}")
-        if not self.step_size > 0:
-            raise UsageError(f"attack step size must be positive, got {self.step_size}")
+        threat = ThreatModel(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm)  # checks
+        object.__setattr__(self, "ball", threat.ball)
         if self.restarts < 1:
             raise UsageError(f"restarts must be at least 1, got {self.restarts}")
         if self.bn_mode not in BN_MODES:
@@ -127,7 +145,18 @@ class PGD:
         reference: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
-        """Return the perturbed batch (detached); never modifies x, y or the model's state."""
+        """The perturbed batch, detached; never modifies x, y or the model's state (mode, gradient flags).
+
+        Args:
+            model: returns logits for images in [0, 1] (NCHW); a DistributedDataParallel is unwrapped.
+            x: the clean batch, in [0, 1].
+            y: its labels, class indices.
+            reference: detached anchor logits for the "kl" loss (TRADES' p(x)); ignored by the others.
+            generator: the seed of the random start (default: torch's global generator).
+
+        Returns:
+            x_adv of x's shape and dtype: inside the eps-ball around x (unless project is False) and [0, 1].
+        """
         x, model = x.detach(), unwrap(model)
         ref = reference.detach() if reference is not None else None
         with crafting_mode(model, self.bn_mode):

@@ -6,7 +6,8 @@ prediction) for the KL loss and is ignored by the others.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

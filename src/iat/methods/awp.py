@@ -13,23 +13,26 @@ Per batch, following the reference code (csdongxian/AWP):
    of `step_context`, so also when the loss, the backward or the optimizer step raises.
 Defaults per host follow the authors' code (HOST_DEFAULTS: AT-AWP gamma 1e-2 from the start, TRADES-AWP
 gamma 5e-3 from the 10th of 200 epochs, the reference's `epoch >= 10` over epochs 1..200, i.e. awp_warmup
-9/200 = 0.045 of training; the trainer calls `at_step`). X's options pass through: `create_method("trades+awp", beta=6, gamma=5e-3)`.
+9/200 = 0.045 of training; the trainer calls `at_step`). X's options pass through:
+`create_method("trades+awp", beta=6, gamma=5e-3)`.
 AWP wraps X by composition (`AWP(inner=X)`); X must split `craft` from `objective` (gradalign cannot).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Optional, get_type_hints
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..attacks import PGD
-from ..errors import UsageError
 from ..threat import ThreatModel
-from .base import METHODS, Crafted, Method, Metrics
+from ..values import check_bounds, setting
+from .base import METHODS, OPTION, Crafted, Method, Metrics, method_class
 
 Diff = dict[str, torch.Tensor]
 
@@ -65,8 +68,23 @@ class PerturbedView(nn.Module):
         self.training = model.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of the perturbed model."""
         params = dict(self.model.named_parameters())
         return functional_call(self.model, {n: params[n] + v for n, v in self.diff.items()}, (x,))
+
+
+@dataclasses.dataclass(frozen=True)
+class AWPOptions:
+    """AWP's own options, beside those of the method X it wraps; None is the host's default (HOST_DEFAULTS)."""
+
+    gamma: Optional[float] = setting(None, "relative size of the weight perturbation, ||v_l|| = gamma ||w_l||",
+                                     bounds="[0, inf)")
+    awp_lr: float = setting(0.01, "lr of the proxy's SGD step", bounds="(0, inf)")
+    awp_warmup: Optional[float] = setting(None, "fraction of training done before the perturbation starts",
+                                          bounds="[0, 1)")
+
+    def __post_init__(self) -> None:
+        check_bounds(self, OPTION)
 
 
 class AWP(Method):
@@ -74,32 +92,29 @@ class AWP(Method):
 
     gamma: relative size of the weight perturbation, ||v_l|| = gamma ||w_l|| per layer (5e-3).
     awp_lr: lr of the proxy's SGD step (0.01 as in the reference; it cancels in the normalisation).
+    awp_warmup: fraction of training before the perturbation starts (0). Ranges: `AWPOptions`.
     Every option of X passes through. `inner_class` is X's class; each registered `X+awp` sets it.
     """
 
     inner_class: ClassVar[type[Method]] = Method
     default_gamma: ClassVar[float] = 5e-3     # per host, set by register_awp (HOST_DEFAULTS)
     default_warmup: ClassVar[float] = 0.0
-    AWP_OPTIONS: ClassVar[dict[str, Any]] = {"gamma": Optional[float], "awp_lr": float, "awp_warmup": Optional[float]}
+    AWP_OPTIONS: ClassVar[dict[str, Any]] = get_type_hints(AWPOptions)
 
     def __init__(self, inner: Method, gamma: Optional[float] = None, awp_lr: float = 0.01,
                  awp_warmup: Optional[float] = None) -> None:
-        gamma = self.default_gamma if gamma is None else gamma
-        awp_warmup = self.default_warmup if awp_warmup is None else awp_warmup
-        if not gamma >= 0:
-            raise UsageError(f"gamma must be >= 0, got {gamma}")
-        if not awp_lr > 0:
-            raise UsageError(f"awp_lr must be positive, got {awp_lr}")
-        if not 0 <= awp_warmup < 1:
-            raise UsageError(f"awp_warmup is a fraction of training in [0, 1), got {awp_warmup}")
-        self.inner, self.gamma, self.awp_lr, self.awp_warmup = inner, gamma, awp_lr, awp_warmup
+        AWPOptions(gamma, awp_lr, awp_warmup)  # checks the ranges, as every method's options are checked
+        self.inner, self.awp_lr = inner, awp_lr
+        self.gamma = self.default_gamma if gamma is None else gamma
+        self.awp_warmup = self.default_warmup if awp_warmup is None else awp_warmup
         self._fraction = 1.0  # of training done; at_step() sets it (without it, no warm-up)
         self._awp_active: Optional[tuple[nn.Module, ExitStack]] = None
         self._awp_proxy: Optional[tuple[nn.Module, nn.Module, torch.optim.Optimizer]] = None
 
     # the wrapped method's threat model and options are this method's
     @property
-    def threat(self) -> ThreatModel:  # type: ignore[override]
+    def threat(self) -> ThreatModel:
+        """X's threat model."""
         return self.inner.threat
 
     @threat.setter
@@ -107,19 +122,27 @@ class AWP(Method):
         self.inner.threat = value
 
     @property
-    def bn_mode(self) -> str:  # type: ignore[override]
+    def bn_mode(self) -> str:
+        """X's BatchNorm mode while crafting."""
         return self.inner.bn_mode
+
+    @bn_mode.setter
+    def bn_mode(self, value: str) -> None:
+        self.inner.bn_mode = value
 
     @classmethod
     def option_types(cls) -> dict[str, Any]:
+        """X's options and AWP's own."""
         return {**cls.inner_class.option_types(), **cls.AWP_OPTIONS}
 
     @classmethod
-    def build(cls, threat: ThreatModel, **options: Any) -> "AWP":
+    def build(cls, threat: ThreatModel, **options: Any) -> AWP:
+        """X built from its options, wrapped with AWP's own."""
         own = {k: options.pop(k) for k in cls.AWP_OPTIONS if k in options}
         return cls(cls.inner_class.build(threat, **options), **own)
 
     def options(self) -> dict[str, Any]:
+        """X's options and AWP's, as resolved (the host's defaults filled in)."""
         return {**self.inner.options(), "gamma": self.gamma, "awp_lr": self.awp_lr, "awp_warmup": self.awp_warmup}
 
     def at_step(self, step: int, total: int) -> None:
@@ -129,9 +152,11 @@ class AWP(Method):
 
     @property
     def perturbing(self) -> bool:
+        """Whether this step perturbs the weights (gamma > 0 and the warm-up is over)."""
         return self.gamma > 0 and self._fraction >= self.awp_warmup
 
     def attack(self, **overrides: Any) -> PGD:
+        """X's adversary."""
         return self.inner.attack(**overrides)
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
@@ -163,12 +188,15 @@ class AWP(Method):
                 self._awp_active = None
 
     def after_backward(self, model: nn.Module) -> None:
+        """X's hook."""
         self.inner.after_backward(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """X's state (AWP keeps none across steps)."""
         return self.inner.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore X's state."""
         self.inner.load_state_dict(state)
 
     def weight_perturbation(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, crafted: Crafted) -> Diff:
@@ -215,7 +243,7 @@ HOST_DEFAULTS = {"pgd-at": (1e-2, 0.0), "iat": (1e-2, 0.0), "trades": (5e-3, TRA
 
 def register_awp(name: str) -> type[AWP]:
     """Register `name+awp` for an already registered method, with its host's defaults."""
-    inner = METHODS.get(name)
+    inner = method_class(name)
     gamma, warmup = HOST_DEFAULTS[name]
 
     class Recipe(AWP):
@@ -225,7 +253,8 @@ def register_awp(name: str) -> type[AWP]:
     Recipe.__name__ = Recipe.__qualname__ = f"{inner.__name__}AWP"
     text = f"{name} with adversarial weight perturbation, gamma {gamma:g}" + (
         f" after {warmup:.1%} of training" if warmup else "") + " (Wu et al. 2020)"
-    return METHODS.register(f"{name}+awp", help=text)(Recipe)
+    METHODS.register(f"{name}+awp", help=text)(Recipe)
+    return Recipe
 
 
 for _name in HOST_DEFAULTS:

@@ -10,14 +10,16 @@ inverse loss, eps_inv / steps_inv / step_size_inv (default: the adversary's).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import ce_loss, crafting_mode, kl_div
+from ..attacks.losses import LossFn
 from ..errors import UsageError
+from ..values import setting
 from .base import METHODS, Crafted, Method, Metrics, mean_acc, resolve
 
 KL_DIRECTIONS = ("adv||inv", "inv||adv")
@@ -34,16 +36,17 @@ def anchor_kl(logits_adv: torch.Tensor, logits_inv: torch.Tensor, kl_direction: 
 
 
 @dataclasses.dataclass
-class InverseAnchor:
-    """Mixin: how the inverse adversary x~ is crafted (shared by iat, iat-trades, iat-mart)."""
+class InverseAnchor(Method):
+    """Base of iat, iat-trades, iat-mart: how the inverse adversary x~ is crafted (None: the threat's value)."""
 
-    eps_inv: Optional[float] = None
-    step_size_inv: Optional[float] = None
-    steps_inv: Optional[int] = None
+    eps_inv: Optional[float] = setting(None, bounds="[0, 1]")
+    step_size_inv: Optional[float] = setting(None, bounds="(0, inf)")
+    steps_inv: Optional[int] = setting(None, bounds="[1, 1e6]")
     inverse_loss: str = "ce"
     detach_inverse: bool = False
 
     def check_inverse(self, kl_direction: str) -> None:
+        """inverse_loss and kl_direction are among their choices."""
         if self.inverse_loss not in INVERSE_LOSSES:
             raise UsageError(f"inverse_loss must be one of {INVERSE_LOSSES}, got {self.inverse_loss!r}")
         if kl_direction not in KL_DIRECTIONS:
@@ -68,7 +71,7 @@ class InverseAnchor:
         eps_inv = resolve(self.eps_inv, t.eps)
         if eps_inv == 0:  # the natural anchor x~ = x: no inverse attack to pay for
             return x.detach().clone()
-        loss = "ce"
+        loss: Union[str, LossFn] = "ce"
         if self.inverse_loss == "ce+kl":
             if x_adv is None:
                 raise ValueError("inverse_loss 'ce+kl' needs the adversarial example")
@@ -87,7 +90,7 @@ class InverseAnchor:
 
 @METHODS.register("iat", help="inverse adversarial training: CE(x') + beta KL(p(x') || p(x~)) (Dong et al. 2023)")
 @dataclasses.dataclass
-class IAT(InverseAnchor, Method):
+class IAT(InverseAnchor):
     """Inverse adversarial training on top of PGD-AT (Dong et al. 2023), l-inf.
 
     beta: weight of the KL term (3.5). kl_direction: "adv||inv" (default) or "inv||adv".
@@ -95,18 +98,21 @@ class IAT(InverseAnchor, Method):
     eps_inv / step_size_inv / steps_inv: the inverse adversary (default: eps, step_size, steps).
     """
 
-    beta: float = 3.5
+    beta: float = setting(3.5, bounds="[0, inf)")
     kl_direction: str = "adv||inv"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.check_inverse(self.kl_direction)
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """x' (PGD ascent on CE), then x~ (PGD descent inside eps_inv)."""
         x_adv = self.attack()(model, x, y)
         return {"x_adv": x_adv, "x_inv": self.inverse_example(model, x, y, x_adv)}
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """CE(f(x'), y) + beta * KL between p(x') and p(x~) (kl_direction)."""
         logits_adv = model(crafted["x_adv"])
         logits_inv = self.inverse_logits(model, crafted["x_inv"])
         ce = F.cross_entropy(logits_adv, y)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from .base import METHODS, Crafted, Method, Metrics, mean_acc
+from ..values import setting
+from .base import METHODS, Crafted, Metrics, mean_acc
 from .iat import InverseAnchor, anchor_kl
 from .mart import boosted_ce, true_prob
 from .trades import SmallStart, Terms
@@ -53,18 +54,19 @@ def iat_mart_objective(logits_adv: torch.Tensor, logits_inv: torch.Tensor, y: to
 
 @dataclasses.dataclass
 class InverseConsistency(InverseAnchor):
-    """Mixin: the KL direction of an inverse-anchored consistency term (the host's KL puts the anchor first)."""
+    """Base of iat-trades and iat-mart: the KL direction of an inverse-anchored consistency term (the host's
+    KL puts the anchor first)."""
 
     kl_direction: str = "inv||adv"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.check_inverse(self.kl_direction)
-        self.check_start()
 
 
 @METHODS.register("iat-trades", help="TRADES with the inverse anchor: CE(x) + beta KL(p(x~) || p(x')), beta 6")
 @dataclasses.dataclass
-class IATTrades(InverseConsistency, SmallStart, Method):
+class IATTrades(InverseConsistency, SmallStart):
     """Inverse adversarial training on TRADES (Dong et al. 2023; Zhang et al. 2019), l-inf or l2.
 
     beta: weight of the KL term (6, TRADES'). x' as in `trades` (init_radius 0.001, bn_mode "eval").
@@ -73,14 +75,16 @@ class IATTrades(InverseConsistency, SmallStart, Method):
     """
 
     bn_mode: str = "eval"
-    beta: float = 6.0
+    beta: float = setting(6.0, bounds="[0, inf)")
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """x' as TRADES crafts it, then x~."""
         x_adv = self.trades_example(model, x, y)
         return {"x_adv": x_adv, "x_inv": self.inverse_example(model, x, y, x_adv)}
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """CE(f(x), y) + beta * KL(p(x~) || p(x')) (iat_trades_objective)."""
         logits_nat, logits_adv = model(x), model(crafted["x_adv"])
         logits_inv = self.inverse_logits(model, crafted["x_inv"])
         loss, terms = iat_trades_objective(logits_nat, logits_adv, logits_inv, y, self.beta, self.kl_direction)
@@ -89,9 +93,10 @@ class IATTrades(InverseConsistency, SmallStart, Method):
                       "acc_inv": mean_acc(logits_inv, y)}
 
 
-@METHODS.register("iat-mart", help="MART with the inverse anchor: BCE(x') + beta KL(p(x~) || p(x')) (1 - p_y(x)), beta 5")
+@METHODS.register("iat-mart",
+                  help="MART with the inverse anchor: BCE(x') + beta KL(p(x~) || p(x')) (1 - p_y(x)), beta 5")
 @dataclasses.dataclass
-class IATMart(InverseConsistency, SmallStart, Method):
+class IATMart(InverseConsistency, SmallStart):
     """Inverse adversarial training on MART (Dong et al. 2023; Wang et al. 2020), l-inf or l2.
 
     beta: weight of the KL term (5, MART's). x' as in `mart` (PGD on CE, init_radius 0.001,
@@ -102,7 +107,7 @@ class IATMart(InverseConsistency, SmallStart, Method):
     """
 
     bn_mode: str = "eval"
-    beta: float = 5.0
+    beta: float = setting(5.0, bounds="[0, inf)")
     mart_weight: str = "natural"
 
     def __post_init__(self) -> None:
@@ -111,11 +116,13 @@ class IATMart(InverseConsistency, SmallStart, Method):
             raise UsageError(f"mart_weight must be one of {MART_WEIGHTS}, got {self.mart_weight!r}")
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """x' as MART crafts it (PGD on CE, small start), then x~."""
         x_adv = self.small_start()(model, x, y)
         return {"x_adv": x_adv, "x_inv": self.inverse_example(model, x, y, x_adv)}
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """BCE(p(x'), y) + beta * KL(p(x~) || p(x')) weighted per mart_weight (iat_mart_objective)."""
         logits_adv = model(crafted["x_adv"])
         logits_inv = self.inverse_logits(model, crafted["x_inv"])
         logits_nat = model(x) if self.mart_weight == "natural" else None

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import kl_div
-from .base import METHODS, Crafted, Method, Metrics, mean_acc
+from ..values import setting
+from .base import METHODS, Crafted, Metrics, mean_acc
 from .trades import SmallStart, Terms
 
 
@@ -50,7 +51,7 @@ def mart_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.
 
 @METHODS.register("mart", help="MART: boosted CE(x') + beta KL(p(x) || p(x')) (1 - p_y(x)), beta 5 (Wang et al. 2020)")
 @dataclasses.dataclass
-class MART(SmallStart, Method):
+class MART(SmallStart):
     """MART (Wang et al. 2020), l-inf or l2.
 
     beta: weight of the misclassification-aware KL term (5, the paper's ResNet-18 setting).
@@ -60,16 +61,15 @@ class MART(SmallStart, Method):
     """
 
     bn_mode: str = "eval"
-    beta: float = 5.0
-
-    def __post_init__(self) -> None:
-        self.check_start()
+    beta: float = setting(5.0, bounds="[0, inf)")
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """x': PGD on CE from the small start."""
         return {"x_adv": self.small_start()(model, x, y)}
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """MART's loss on x and x' (mart_objective)."""
         logits_nat, logits_adv = model(x), model(crafted["x_adv"])
         loss, terms = mart_objective(logits_nat, logits_adv, y, self.beta)
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},

@@ -17,6 +17,7 @@ class Standard(Method):
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """CE(f(x), y) on the clean batch."""
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc": mean_acc(logits, y)}
@@ -31,10 +32,12 @@ class PGDAT(Method):
     """
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """x': PGD in the threat model."""
         return {"x_adv": self.attack()(model, x, y)}
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """CE(f(x'), y)."""
         logits = model(crafted["x_adv"])
         loss = F.cross_entropy(logits, y)
         return loss, {"loss": loss.detach(), "acc_adv": mean_acc(logits, y)}

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..attacks import PGD
 from ..errors import UsageError
+from ..values import setting
 from .base import METHODS, Crafted, Metrics, mean_acc
 from .pgd_at import PGDAT
 
@@ -40,22 +41,17 @@ class SingleStep(PGDAT):
     """
 
     random_start: bool = True
-    init_scale: float = 1.0
-    step_scale: float = 1.25
+    init_scale: float = setting(1.0, bounds="[0, inf)")
+    step_scale: float = setting(1.25, bounds="(0, inf)")
     project: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.step_scale > 0:
-            raise UsageError(f"step_scale must be positive (the step is step_scale * eps), got {self.step_scale}")
-        if not self.init_scale >= 0:
-            raise UsageError(f"init_scale must be >= 0, got {self.init_scale}")
 
     def attack(self, **overrides: Any) -> PGD:
         """The one-step adversary; the step is step_scale * eps (eps may be ramped by the trainer)."""
-        kw = dict(steps=1, step_size=self.step_scale * self.threat.eps, random_start=self.random_start,
+        kw: dict[str, Any] = dict(steps=1, step_size=self.step_scale * self.threat.eps, random_start=self.random_start,
                   init_scale=self.init_scale, project=self.project)
         kw.update(overrides)
         return super().attack(**kw)
+
 
 @METHODS.register("fgsm-at", help="FGSM adversarial training: zero start, one step of eps (Goodfellow et al. 2015)")
 @dataclasses.dataclass
@@ -65,7 +61,7 @@ class FGSMAT(SingleStep):
     Known to overfit catastrophically at eps 8/255 on CIFAR-10 (Wong et al. 2020)."""
 
     random_start: bool = False
-    step_scale: float = 1.0
+    step_scale: float = setting(1.0, bounds="(0, inf)")
 
 
 @METHODS.register("fgsm-rs", help="FGSM with random start, step 1.25 eps, projected (Wong et al. 2020)")
@@ -82,8 +78,8 @@ class NFGSM(SingleStep):
     Uniform noise in the init_scale * eps ball (2.0), one step of step_scale * eps (1.0), no projection
     to the eps-ball (clipped to [0, 1] only), so ||x' - x||inf <= 3 eps. L = CE(f(x'), y)."""
 
-    init_scale: float = 2.0
-    step_scale: float = 1.0
+    init_scale: float = setting(2.0, bounds="[0, inf)")
+    step_scale: float = setting(1.0, bounds="(0, inf)")
     project: bool = False
 
 
@@ -134,8 +130,8 @@ class GradAlign(SingleStep):
     """
 
     random_start: bool = False
-    step_scale: float = 1.0
-    align_lambda: Optional[float] = None
+    step_scale: float = setting(1.0, bounds="(0, inf)")
+    align_lambda: Optional[float] = setting(None, bounds="[0, inf)")
     first_grad: str = "detached"
 
     def __post_init__(self) -> None:
@@ -159,10 +155,12 @@ class GradAlign(SingleStep):
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """CE(f(x'), y) + align_lambda * (1 - cos(g1, g2)), g2 differentiable in the weights."""
         g2 = input_gradient(model, crafted["x_eta"], y, create_graph=True)
         return self._total(model, crafted["x_adv"], y, alignment_penalty(crafted["g1"], g2))
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """As Method.loss; first_grad "graph" crafts and differentiates g1 in one pass."""
         if self.first_grad == "detached":
             return super().loss(model, x, y)
         fgsm = self.attack()  # "graph": g1 keeps its graph, so it is crafted and differentiated in one pass
@@ -175,6 +173,7 @@ class GradAlign(SingleStep):
 
     def _total(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor,
                reg: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        assert self.align_lambda is not None, "resolved from eps in __post_init__"
         logits = model(x_adv)
         ce = F.cross_entropy(logits, y)
         loss = ce + self.align_lambda * reg

@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import PGD, crafting_mode, kl_div
-from ..errors import UsageError
+from ..values import setting
 from .base import METHODS, Crafted, Method, Metrics, mean_acc
 
 Terms = dict[str, torch.Tensor]
 
 
 @dataclasses.dataclass
-class SmallStart:
-    """Mixin: the adversary of the TRADES and MART reference code (also used by their inverse variants).
+class SmallStart(Method):
+    """Base of trades, mart and their inverse variants: the adversary of the TRADES and MART reference code.
 
     Their code starts at x + 0.001 * N(0, I), only to leave the point x where the KL term and its
     gradient are zero. The engine's equivalent: a uniform start of radius init_radius = 0.001
@@ -32,15 +32,11 @@ class SmallStart:
     hence the subclasses' bn_mode default "eval".
     """
 
-    init_radius: float = 0.001
-
-    def check_start(self) -> None:
-        if not self.init_radius >= 0:
-            raise UsageError(f"init_radius must be >= 0 (pixel units), got {self.init_radius}")
+    init_radius: float = setting(0.001, bounds="[0, 1]")
 
     def small_start(self, **overrides: Any) -> PGD:
         """The method's PGD with the small start; the radius is absolute, so it survives eps warm-up."""
-        eps = overrides.get("eps", self.threat.eps)
+        eps: float = overrides.get("eps", self.threat.eps)
         scale = min(1.0, self.init_radius / eps) if eps > 0 else 0.0
         return self.attack(random_start=self.init_radius > 0, init_scale=scale, **overrides)
 
@@ -61,7 +57,7 @@ def trades_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torc
 
 @METHODS.register("trades", help="TRADES: CE(x) + beta KL(p(x) || p(x')), beta 6 (Zhang et al. 2019)")
 @dataclasses.dataclass
-class TRADES(SmallStart, Method):
+class TRADES(SmallStart):
     """TRADES (Zhang et al. 2019), l-inf or l2.
 
     beta: weight of the KL term (6). init_radius: the small random start (0.001, pixel units).
@@ -70,16 +66,15 @@ class TRADES(SmallStart, Method):
     """
 
     bn_mode: str = "eval"
-    beta: float = 6.0
-
-    def __post_init__(self) -> None:
-        self.check_start()
+    beta: float = setting(6.0, bounds="[0, inf)")
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Crafted:
+        """x': PGD ascent on KL(p(x) || p(x')) from the small start."""
         return {"x_adv": self.trades_example(model, x, y)}
 
     def objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                   crafted: Crafted) -> tuple[torch.Tensor, Metrics]:
+        """CE(f(x), y) + beta * KL(p(x) || p(x')) (trades_objective)."""
         logits_nat, logits_adv = model(x), model(crafted["x_adv"])
         loss, terms = trades_objective(logits_nat, logits_adv, y, self.beta)
         return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},

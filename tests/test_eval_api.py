@@ -72,7 +72,7 @@ def test_the_model_and_the_data_are_left_as_they_were(trained, data):
     trained.train()
     iat.evaluate(trained, (x, y), attacks="natural,pgd20", eps=0.1, progress=False)
     assert trained.training and torch.equal(x, x_before)
-    assert all(torch.equal(a, b) for a, b in zip(weights, trained.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(weights, trained.parameters(), strict=True))
     assert all(p.requires_grad for p in trained.parameters())
 
 
@@ -178,3 +178,12 @@ def test_an_eps_sweep_is_recorded_and_drawn(trained, data, tmp_path):
     assert points[0]["correct"] == round(result.accuracy["natural"] * 16)
     assert result.checks["eps_sweep_reaches_zero"] == "pass"
     assert [p.name for p in result.files] == ["eval.json", "eval.csv", "eval.md", "eval-eps-sweep.png"]
+
+
+def test_the_evaluate_example_runs():
+    """The >>> example in iat.evaluate's docstring is correct."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module("iat.api"))
+    assert result.attempted > 0 and result.failed == 0

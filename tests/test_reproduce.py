@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from iat.reproduce import runner, spec as specs, table
 from iat.cli import main
+from iat.reproduce import render_table, runner, table
+from iat.reproduce import spec as specs
 from iat.training.trainer import Trainer
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -310,7 +311,7 @@ def _result(base: list[float], ours: list[float], nat: list[float]) -> dict:
         return {"mean": mean, "std": 0.0, "wins": sum(v > 0 for v in d), "seeds": len(d)}
 
     return {"robust_column": "worst case", "by_checkpoint": {"best": {
-        "worst case": stats([o - b for o, b in zip(ours, base)]), "natural": stats(nat)}}}
+        "worst case": stats([o - b for o, b in zip(ours, base, strict=True)]), "natural": stats(nat)}}}
 
 
 @pytest.mark.parametrize("base,ours,nat,word", [
@@ -329,9 +330,9 @@ def test_verdict_rules(base, ours, nat, word):
 def test_paste_into_replaces_only_its_block(tmp_path):
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nintro\n")
-    table.paste_into(doc, "t1", "first\n")
-    table.paste_into(doc, "t2", "other\n")
-    table.paste_into(doc, "t1", "second\n")
+    render_table.paste_into(doc, "t1", "first\n")
+    render_table.paste_into(doc, "t2", "other\n")
+    render_table.paste_into(doc, "t1", "second\n")
     text = doc.read_text()
     assert text.startswith("# Results\n\nintro\n") and "second" in text and "first" not in text
     assert text.index("second") < text.index("other") and text.count("iat reproduce t1: begin") == 1

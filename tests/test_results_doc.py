@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from iat.reproduce import spec as specs
-from iat.reproduce.table import BEGIN, END, build_table, to_markdown
+from iat.reproduce.render_table import BEGIN, END, to_markdown
+from iat.reproduce.table import build_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "results.md"

@@ -12,8 +12,9 @@ are those of `iat eval` (evaluation.pipeline.evaluate_examples); `out=` writes t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ from .values import parse_number
 
 # EvalConfig fields that only mean something for a checkpoint on disk
 CHECKPOINT_ONLY = ("checkpoint", "dataset", "model", "data_dir", "device")
+
+
+@runtime_checkable
+class MapDataset(Protocol):
+    """What `iat.evaluate` reads as a data set: a length and (image, label) items by index."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 @dataclasses.dataclass
@@ -42,6 +52,7 @@ class Evaluation:
 
     @property
     def worst_case(self) -> float:
+        """Accuracy under the per-example worst case over all the attacks."""
         return self.accuracy["worst case"]
 
     @property
@@ -64,10 +75,38 @@ def evaluate(model: nn.Module, data: Any, attacks: Union[str, Sequence[str]] = E
     """Robust accuracy of `model` on `data` under `attacks` in the `norm` ball of radius `eps` (pixel units of
     [0, 1] images; "8/255" works), each attack verified and counted per example, with the sanity checks.
 
-    The options are `iat eval`'s (EvalConfig): attacks NAME[:KEY=VALUE] (iat list attacks), restarts,
-    seed (of the random starts), worst_case_only (attack only still-robust points), eps_sweep ("auto" or eps
-    values). `out` (a .json path) also writes the CSV and Markdown beside it; `name` names the data in them.
-    The model runs in eval mode on its own device; its mode is restored after.
+    The options are `iat eval`'s (EvalConfig). The model runs in eval mode on its own device; its mode is
+    restored after.
+
+    Args:
+        model: an nn.Module with parameters that takes NCHW images in [0, 1] and returns logits.
+        data: (x, y) tensors, a torch Dataset of (image, label) items or a DataLoader of (x, y) batches.
+        attacks: NAME[:KEY=VALUE] specs, comma-separated or a sequence (`iat list attacks`).
+        eps: the radius in pixel units of [0, 1] images, a number or a string such as "8/255"; required.
+        norm: "linf" or "l2".
+        n_examples: evaluate the first n examples only (default: all).
+        batch_size: examples per attack batch.
+        out: a .json path: also write the JSON, CSV and Markdown there (default: nothing written).
+        restarts: restarts of every random-start PGD attack that sets none of its own (:restarts=).
+        seed: seed of the random starts.
+        worst_case_only: run each attack only on the examples still robust (the columns become cumulative).
+        eps_sweep: also measure accuracy against eps: "auto" or eps values.
+        sweep_attack: the attack of the eps sweep.
+        progress: show progress bars.
+        name: the data's name in the written files (default: from the data's type).
+
+    Returns:
+        The Evaluation: `accuracy` per attack and under "worst case", `checks`, the typed `record` and the
+        `files` written.
+
+    >>> import iat, torch
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    >>> x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    >>> result = iat.evaluate(model, (x, y), attacks="natural,pgd20", eps="8/255", progress=False)
+    >>> sorted(result.accuracy)
+    ['natural', 'pgd20', 'worst case']
+    >>> 0 <= result.worst_case <= result.accuracy["natural"] <= 1
+    True
     """
     if eps is None:
         raise UsageError("iat.evaluate needs eps=, the radius of the threat ball in pixel units of [0, 1] images "
@@ -77,8 +116,9 @@ def evaluate(model: nn.Module, data: Any, attacks: Union[str, Sequence[str]] = E
     out_path = _check_out(out)
     x, y, y_all, source = read_examples(data, n_examples)
     num_classes = check_examples(model, x, y)
+    radius = parse_number(eps, "eps")
     cfg = EvalConfig(attacks=attacks if isinstance(attacks, str) else ",".join(attacks),
-                     eps=parse_number(eps, "eps"), norm=norm, restarts=restarts, n_examples=n_examples,
+                     eps=radius, norm=norm, restarts=restarts, n_examples=n_examples,
                      batch_size=batch_size, seed=seed, worst_case_only=worst_case_only,
                      eps_sweep=eps_sweep if eps_sweep is None or isinstance(eps_sweep, str)
                      else ",".join(map(str, eps_sweep)), sweep_attack=sweep_attack, progress=progress)
@@ -90,7 +130,7 @@ def evaluate(model: nn.Module, data: Any, attacks: Union[str, Sequence[str]] = E
              "method": {"name": "unknown (an nn.Module given to iat.evaluate)"},
              "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in CHECKPOINT_ONLY},
              "device": str(next(model.parameters()).device)}
-    record = evaluate_examples(model, x, y, ThreatModel(eps=cfg.eps, norm=norm), cfg, about, y_split=y_all,
+    record = evaluate_examples(model, x, y, ThreatModel(eps=radius, norm=norm), cfg, about, y_split=y_all,
                                num_classes=num_classes)
     files = []
     if out_path is not None:
@@ -121,7 +161,7 @@ def read_examples(data: Any, n: Optional[int]) -> tuple[torch.Tensor, torch.Tens
     if isinstance(data, (tuple, list)):
         if len(data) != 2:
             raise UsageError(f"data as a sequence must be the pair (x, y), got {len(data)} items")
-        x, y = (_tensor(v, what) for v, what in zip(data, ("images x", "labels y")))
+        x, y = (_tensor(v, what) for v, what in zip(data, ("images x", "labels y"), strict=True))
         if len(x) != len(y):
             raise UsageError(f"data has {len(x)} images but {len(y)} labels")
         _check_count(n, len(x))
@@ -130,6 +170,9 @@ def read_examples(data: Any, n: Optional[int]) -> tuple[torch.Tensor, torch.Tens
         return _from_loader(data, n)
     if isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")
                                                       and not isinstance(data, (torch.Tensor, dict, str))):
+        if not isinstance(data, MapDataset):  # an IterableDataset: only a DataLoader reads it
+            raise UsageError(f"data as a Dataset must have a length (wrap an IterableDataset in a DataLoader), "
+                             f"got {type(data).__name__}")
         _check_count(n, len(data))
         items = [data[i] for i in range(len(data) if n is None else n)]
         x, y = _stack(items, "Dataset item")
@@ -137,7 +180,8 @@ def read_examples(data: Any, n: Optional[int]) -> tuple[torch.Tensor, torch.Tens
     raise UsageError(f"data must be (x, y) tensors, a torch Dataset or a DataLoader, got {type(data).__name__}")
 
 
-def _from_loader(loader: torch.utils.data.DataLoader, n: Optional[int]) -> tuple[torch.Tensor, ...]:
+def _from_loader(loader: torch.utils.data.DataLoader, n: Optional[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     xs, ys, count = [], [], 0
     for batch in loader:
         x, y = _pair(batch, "DataLoader batch")

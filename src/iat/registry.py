@@ -7,7 +7,8 @@ decorator. An unknown name is a UsageError that lists the choices and suggests t
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 from .errors import UsageError
 
@@ -21,12 +22,23 @@ def did_you_mean(name: object, choices: Iterable[str]) -> str:
 
 
 class Registry(Generic[T]):
+    """Factories of one family (`family`: "model", "attack", ...) by name, each with a one-line help."""
+
     def __init__(self, family: str) -> None:
         self.family = family
         self._items: dict[str, Callable[..., T]] = {}
         self._help: dict[str, str] = {}
 
     def register(self, name: str, help: str = "") -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """A decorator that registers a factory under `name` and returns the factory unchanged.
+
+        Args:
+            name: the name users give (CLI flags, `create`); registering a name twice is a KeyError.
+            help: the one line `describe` (and `iat list`) shows; empty: the first line of the factory's docstring.
+
+        Returns:
+            The decorator.
+        """
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._items:
                 raise KeyError(f"{self.family} {name!r} is registered twice")
@@ -38,20 +50,47 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> Callable[..., T]:
+        """The factory registered under `name`.
+
+        Args:
+            name: a registered name.
+
+        Returns:
+            The factory, uncalled.
+
+        Raises:
+            UsageError: an unknown name; the message lists the choices and suggests the nearest one.
+        """
         if name not in self._items:
-            raise UsageError(f"unknown {self.family} {name!r}{self.suggest(name)}; choose one of: {', '.join(self.names())}")
+            raise UsageError(f"unknown {self.family} {name!r}{self.suggest(name)}; "
+                             f"choose one of: {', '.join(self.names())}")
         return self._items[name]
 
     def suggest(self, name: object) -> str:
+        """' (did you mean X?)' for the nearest registered name, or ''."""
         return did_you_mean(name, self.names())
 
     def create(self, name: str, **kwargs: Any) -> T:
+        """Call the factory registered under `name`.
+
+        Args:
+            name: a registered name.
+            **kwargs: the factory's keyword arguments.
+
+        Returns:
+            What the factory returns.
+
+        Raises:
+            UsageError: an unknown name (see `get`).
+        """
         return self.get(name)(**kwargs)
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._items)
 
     def describe(self) -> dict[str, str]:
+        """{name: one-line help} for every registered name, sorted by name."""
         return {n: self._help[n] for n in self.names()}
 
     def __contains__(self, name: object) -> bool:

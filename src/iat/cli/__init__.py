@@ -2,8 +2,9 @@
 
 Argument parsing only: each subcommand's flags are generated from its config dataclass (cli.flags) and its
 handler calls the library (cli.commands). Bad input ends with a one-line message on stderr and exit status
-2 (a traceback only with --debug); an operating-system failure (disk full, permissions) with a one-line
-message and status 1.
+2 (a traceback only with --debug). So does an operating-system error that a path the user chose causes (a
+file where a folder must be, a name too long, an immutable file, a full disk: `errors.os_error_line` names
+the path and what to do); other operating-system failures (an I/O error) end with one line and status 1.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import argparse
 import signal
 import sys
 import warnings
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
-from ..errors import UsageError
+from ..errors import UsageError, os_error_line
 from .commands import COMMANDS, INTERRUPTED
 
 
@@ -21,11 +23,13 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (with a pointer to --help), exit status 2, like every other."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Print the usage error on one line and exit with status 2."""
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `iat` parser with one sub-command per entry of COMMANDS."""
     parser = Parser(prog="iat", description="Inverse adversarial training and robust evaluation.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +43,7 @@ def _show_warning(message: Any, *_: Any, **__: Any) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run `iat ARGV` (sys.argv without one); returns the exit status (2: usage error)."""
     args = build_parser().parse_args(argv)
     previous = _on_sigterm_interrupt()
     try:
@@ -53,8 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as err:
         if args.debug:
             raise
-        print(f"iat: error: {err}", file=sys.stderr)
-        return 1
+        message, status = os_error_line(err)  # the path and what to do, status 2; an I/O fault: status 1
+        print(f"iat: error: {message}", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         print(f"iat: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130

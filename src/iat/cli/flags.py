@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from ..config import set_path
-from ..reporting.eval_tables import fmt_eps
+from ..reporting.render import fmt_eps
 
 
 def choices_text(choices: Any, lead: str = "; ") -> str:
+    """"; one of: a, b" for a registry's name or a list of choices; "" for None."""
     if choices is None:
         return ""
     from ..training.setup import registries  # lazily: the registries import every component
@@ -34,6 +36,7 @@ def _default_text(value: Any) -> str:
 
 
 def help_line(f: dataclasses.Field, default: Any) -> str:
+    """A flag's help: the field's help text, its default and its choices."""
     text = f.metadata.get("help") or f.name.replace("_", " ")
     choices = f.metadata.get("choices")
     if "default" in text:  # the help says what the default means ("default: the training eps")
@@ -53,6 +56,7 @@ def leaves(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field
 
 
 def flag_name(key: str, f: dataclasses.Field) -> str:
+    """The flag of a dotted config key: --optim-lr for optim.lr, unless the field names its own."""
     return "--" + (f.metadata.get("flag") or key.replace(".", "-").replace("_", "-"))
 
 

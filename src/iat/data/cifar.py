@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UsageError
 from .core import DATASETS, DataBundle, Split, make_bundle, register_fetcher
-from .files import check_md5, download, iter_tar, log, reading_archive
+from .files import check_md5, download, iter_tar, log, read_member, reading_archive
 from .safe_pickle import safe_loads
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -21,6 +21,8 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 @dataclass(frozen=True)
 class CifarSpec:
+    """Where a CIFAR archive comes from and which of its files and keys hold the splits."""
+
     name: str
     title: str
     url: str
@@ -33,6 +35,7 @@ class CifarSpec:
 
     @property
     def archive(self) -> str:
+        """The archive's file name (the last part of its URL)."""
         return self.url.rsplit("/", 1)[-1]
 
 
@@ -76,7 +79,7 @@ def _read_archive(spec: CifarSpec, archive: Path) -> dict[str, bytes]:
         for member, tar in iter_tar(archive):
             name = member.name.removeprefix("./")  # some tar tools prefix every member with ./
             if name in wanted:
-                blobs[name.rsplit("/", 1)[-1]] = tar.extractfile(member).read()
+                blobs[name.rsplit("/", 1)[-1]] = read_member(tar, member, archive)
     missing = sorted(w for w in wanted if w.rsplit("/", 1)[-1] not in blobs)
     if missing:
         raise UsageError(f"archive {archive} lacks {missing[0]}; it is not the official {spec.title} archive")
@@ -181,9 +184,11 @@ def cifar100(root: Path, download: bool = False, url: str | None = None) -> Data
 
 @register_fetcher("cifar10")
 def fetch_cifar10(root: Path, url: str | None = None, timeout: float = 30.0) -> Path:
+    """The official CIFAR-10 python archive in root/cifar10 (or from `url`), downloaded unless present."""
     return fetch_cifar(SPECS["cifar10"], root, url, timeout)
 
 
 @register_fetcher("cifar100")
 def fetch_cifar100(root: Path, url: str | None = None, timeout: float = 30.0) -> Path:
+    """The official CIFAR-100 python archive in root/cifar100 (or from `url`), downloaded unless present."""
     return fetch_cifar(SPECS["cifar100"], root, url, timeout)

@@ -136,7 +136,7 @@ def default_root() -> Path:
     return Path(env).expanduser() if env else Path("data")
 
 
-def _resolve_root(root: str | Path | None) -> Path:
+def resolve_root(root: str | Path | None) -> Path:
     return Path(root).expanduser() if root is not None else default_root()
 
 
@@ -152,7 +152,7 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     """Load data set `name` from `root` (default: default_root()); download it first if asked and missing."""
     factory = DATASETS.get(name)
     _check_kwargs("data set", name, factory, {"download": download, **kw})
-    bundle = factory(_resolve_root(root), download=download, **kw)
+    bundle = factory(resolve_root(root), download=download, **kw)
     if not isinstance(bundle, DataBundle):
         raise TypeError(f"data set factory {name!r} returned {type(bundle).__name__}, not DataBundle")
     return bundle
@@ -169,7 +169,7 @@ def fetch_dataset(name: str, root: str | Path | None = None, **kw: Any) -> Path:
         )
     fetcher = FETCHERS[name]
     _check_kwargs("fetcher for", name, fetcher, kw)
-    return fetcher(_resolve_root(root), **kw)
+    return fetcher(resolve_root(root), **kw)
 
 
 def auto_val_size(n: int) -> int:

@@ -47,6 +47,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def md5_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's md5 hex digest, read in chunks."""
     h = hashlib.md5()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -105,6 +106,7 @@ def is_marked(path: Path, expected: str) -> bool:
 
 
 def mark_verified(path: Path, expected: str) -> None:
+    """Record that `path` matched `expected` (with its size and mtime), so it is not rehashed."""
     marker = _read_marker(path.parent)
     marker[path.name] = {"md5": expected, **_stamp(path)}
     # A read-only data folder only costs a rehash next time, so a failed write is not an error.
@@ -224,6 +226,14 @@ def iter_tar(archive: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]
             yield member, tar
 
 
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, archive: Path) -> bytes:
+    """The bytes of a plain-file member (a folder by the name of a wanted file is refused)."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise UsageError(f"refusing archive {archive}: member {member.name!r} is not a plain file")
+    return f.read()
+
+
 def safe_extract(archive: Path, dest: Path) -> Path:
     """Extract `archive` into `dest`, which appears only once complete; refuses unsafe members."""
     if dest.is_dir():
@@ -240,9 +250,10 @@ def safe_extract(archive: Path, dest: Path) -> Path:
             members = tar.getmembers()
             for member in members:
                 check_member(member, archive)
-            # filter="data" (Python >= 3.11.4) is a second guard behind our own check.
-            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(tmp, members=members, **kwargs)
+            if hasattr(tarfile, "data_filter"):  # filter="data" (Python >= 3.11.4): a second guard behind our check
+                tar.extractall(tmp, members=members, filter="data")
+            else:  # pragma: no cover - older Pythons
+                tar.extractall(tmp, members=members)
         try:
             os.replace(tmp, dest)
         except OSError:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..errors import UsageError
 from .core import DATASETS, DataBundle, Split, make_bundle
-from .files import cache_dir, iter_tar, log, reading_archive, sha256_file
+from .files import cache_dir, iter_tar, log, read_member, reading_archive, sha256_file
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -32,6 +32,7 @@ ORDER_SEED = 0  # the fixed order of an image folder's examples (part of the dat
 
 
 def is_archive(path: Path) -> bool:
+    """True for a file whose name ends like a tar archive (.tar, .tar.gz, ...)."""
     return path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES)
 
 
@@ -154,11 +155,11 @@ def _tree_prefix(names: list[str], where: Path) -> str:
 
 def read_archive(archive: Path) -> dict[str, bytes]:
     """The archive's images by path relative to its train/test tree, read in one pass with members checked."""
-    blobs = {}
+    blobs: dict[str, bytes] = {}
     with reading_archive(archive):
         for member, tar in iter_tar(archive):
             if member.isfile() and _is_image(member.name):
-                blobs[member.name.removeprefix("./")] = tar.extractfile(member).read()
+                blobs[member.name.removeprefix("./")] = read_member(tar, member, archive)
     prefix = _tree_prefix(list(blobs), archive)
     return {name[len(prefix):]: data for name, data in blobs.items() if name.startswith(prefix)}
 

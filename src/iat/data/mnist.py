@@ -60,6 +60,12 @@ def find_files(folder: Path) -> dict[str, Path | None]:
     return found
 
 
+def _complete(files: dict[str, Path | None]) -> dict[str, Path] | None:
+    """The files by stem when every stem has one, else None."""
+    present = {stem: p for stem, p in files.items() if p is not None}
+    return present if len(present) == len(files) else None
+
+
 def verify_idx(path: Path, name: str, stem: str, root: Path) -> None:
     """Check one IDX file against the official sums, gzipped or not."""
     gz_md5, raw_md5 = MD5[name][stem]
@@ -103,10 +109,11 @@ def load_idx_dataset(name: str, root: Path, download: bool) -> DataBundle:
             f"{TITLES[name]} not found: {folder} lacks {missing[0]}(.gz); "
             f"run `iat data fetch {name} --root {root}` or pass --data-download"
         )
-    for stem, path in files.items():
+    paths = {stem: p for stem, p in files.items() if p is not None}  # every stem: a missing one raised above
+    for stem, path in paths.items():
         verify_idx(path, name, stem, root)
-    train = _read_split(files[STEMS[0]], files[STEMS[1]])
-    test = _read_split(files[STEMS[2]], files[STEMS[3]])
+    train = _read_split(paths[STEMS[0]], paths[STEMS[1]])
+    test = _read_split(paths[STEMS[2]], paths[STEMS[3]])
     return make_bundle(name, train, test, CLASSES[name], f"{TITLES[name]}, official IDX files (md5-verified)")
 
 
@@ -123,8 +130,8 @@ def fashion_mnist(root: Path, download: bool = False) -> DataBundle:
 
 
 def _already_there(name: str, root: Path) -> bool:
-    files = find_files(root / name)
-    if any(p is None for p in files.values()):
+    files = _complete(find_files(root / name))
+    if files is None:
         return False
     for stem, path in files.items():
         verify_idx(path, name, stem, root)  # a damaged file is reported, not silently kept
@@ -206,8 +213,8 @@ def fetch_fashion_mnist(root: Path, timeout: float = 10.0) -> Path:
     folder = root / "fashion-mnist"
     if _already_there("fashion-mnist", root):
         return folder
-    system = find_files(FASHION_SYSTEM_DIR)
-    if all(p is not None for p in system.values()):
+    system = _complete(find_files(FASHION_SYSTEM_DIR))
+    if system is not None:
         for stem, src in system.items():
             with atomic_path(folder / src.name) as tmp:
                 shutil.copyfile(src, tmp)

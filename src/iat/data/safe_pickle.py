@@ -5,6 +5,7 @@ The official pickles only ever name numpy's array reconstruction, so that is all
 """
 from __future__ import annotations
 
+import importlib
 import io
 import pickle
 import struct
@@ -18,10 +19,9 @@ from ..errors import UsageError
 
 def _reconstruct() -> Any:
     try:  # numpy >= 2 moved the module; files written by numpy 1 (or Python 2) still name numpy.core
-        from numpy._core.multiarray import _reconstruct as fn
+        return importlib.import_module("numpy._core.multiarray")._reconstruct
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct as fn
-    return fn
+        return importlib.import_module("numpy.core.multiarray")._reconstruct
 
 
 # (module, name) -> the object it may resolve to; found by pickletools on the official files.
@@ -41,6 +41,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
+        """The allowed numpy object for (module, name); anything else is a UsageError."""
         resolve = _ALLOWED.get((module, name))
         if resolve is None:
             raise UsageError(

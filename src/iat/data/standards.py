@@ -8,7 +8,8 @@ Data sets without an entry (synthetic, imagefolder: there is no field standard) 
 from __future__ import annotations
 
 import dataclasses
-from typing import Collection, Optional
+from collections.abc import Collection
+from typing import Optional
 
 from ..errors import UsageError
 from ..threat import ThreatModel
@@ -47,13 +48,14 @@ def standard_threat(name: str) -> ThreatModel:
 
 
 def standard_eps(name: str) -> float:
+    """The standard eps (pixel units) of data set `name`."""
     return standard_threat(name).eps
 
 
 def standard_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of data set `name`, for create_model(dataset=name)."""
     entry = STANDARDS.get(name)
-    if entry is None or entry.mean is None:
+    if entry is None or entry.mean is None or entry.std is None:
         known = ", ".join(n for n, s in STANDARDS.items() if s.mean is not None)
         raise UsageError(f"data set {name!r} has no standard mean/std; pass mean= and std= (known: {known})")
     return entry.mean, entry.std

@@ -24,7 +24,7 @@ MD5: dict[str, str | None] = {
 
 def _loadmat(path: Path) -> dict:
     try:
-        from scipy.io import loadmat
+        from scipy.io import loadmat  # type: ignore[import-untyped]  # an optional extra without type information
     except ImportError:
         raise UsageError("reading SVHN's .mat files needs scipy: pip install scipy") from None
     try:

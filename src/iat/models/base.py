@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import importlib
 from collections import OrderedDict
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ class ModelRegistry(Registry[nn.Module]):
     """The model registry; a name "package.module:factory" is also a model, imported (never unpickled)."""
 
     def get(self, name: str) -> Callable[..., nn.Module]:
+        """The factory of a registered model, or the one a "package.module:factory" path names."""
         if isinstance(name, str) and ":" in name:
             return import_factory(name)
         if name not in self:
@@ -66,6 +68,9 @@ def import_factory(path: str) -> Callable[..., nn.Module]:
 class Normalize(nn.Module):
     """(x - mean) / std per channel, for NCHW images in [0, 1]."""
 
+    mean: torch.Tensor  # [1, C, 1, 1] buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         mean, std = [float(m) for m in mean], [float(s) for s in std]
@@ -79,9 +84,11 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised images."""
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:
+        """The mean and std, for print(model)."""
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
@@ -105,10 +112,26 @@ def create_model(
 ) -> nn.Module:
     """Build Sequential(normalize=Normalize(mean, std), net=<registered body>) returning logits.
 
-    `name` is a registered model or "package.module:factory" (called like the registered factories, with
-    num_classes, in_channels and input_size; its module goes after Normalize). Normalisation: mean and std
-    as given; else the standard statistics of data set `dataset`; else none (mean 0, std 1). The choice is
-    in `model.spec` (what checkpoints record as model_spec, and what rebuilds the model).
+    Args:
+        name: a registered model (`iat list models`) or "package.module:factory", a callable taking
+            num_classes, in_channels and input_size like the registered factories (its module goes after
+            Normalize).
+        num_classes: number of logits, at least 2.
+        in_channels: image channels, at least 1 (1 for MNIST, 3 for CIFAR).
+        input_size: image height and width in pixels (an architecture may ask for a minimum).
+        mean, std: per-channel statistics in [0, 1] units, both or neither (default: none).
+        dataset: without mean and std, take this data set's standard statistics (data.standards); with
+            neither, no normalisation (mean 0, std 1).
+
+    Returns:
+        The model, taking NCHW images in [0, 1]. `model.spec` holds the arguments with the resolved mean
+        and std: what checkpoints record as model_spec, and what rebuilds the model.
+
+    >>> model = create_model("cnn", num_classes=10, in_channels=1, input_size=28, dataset="fashion-mnist")
+    >>> model(torch.rand(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    >>> model.spec["mean"], model.spec["std"]
+    ([0.286], [0.353])
     """
     factory = MODELS.get(name)  # unknown names fail first, with the list of choices
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels),
@@ -123,8 +146,10 @@ def create_model(
     normalize = Normalize(mean, std)
     net = _call_factory(name, factory, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
     model = nn.Sequential(OrderedDict(normalize=normalize, net=net))
-    model.spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size,
-                  "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    spec = {"name": name, "num_classes": num_classes, "in_channels": in_channels, "input_size": input_size,
+            "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    # torch annotates Module.__setattr__'s value as Tensor | Module; a plain attribute is what it does at runtime
+    model.spec = spec  # type: ignore[assignment]
     return model
 
 
@@ -132,13 +157,14 @@ def _normalisation(mean: Optional[Sequence[float]], std: Optional[Sequence[float
                    in_channels: int) -> tuple[Sequence[float], Sequence[float]]:
     if (mean is None) != (std is None):
         raise UsageError("give both mean and std (or neither: dataset=NAME takes its statistics, else none)")
-    if mean is not None and dataset is not None:
-        raise UsageError("give mean and std or dataset, not both")
-    if mean is None and dataset is not None:
+    if mean is not None and std is not None:
+        if dataset is not None:
+            raise UsageError("give mean and std or dataset, not both")
+    elif dataset is not None:
         from ..data.standards import standard_stats  # the one table of per-data-set standards
 
         mean, std = standard_stats(dataset)
-    elif mean is None:
+    else:
         mean, std = [0.0] * in_channels, [1.0] * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise UsageError(

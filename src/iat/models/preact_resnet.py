@@ -29,6 +29,7 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BN-ReLU-conv twice, plus the (projected) input."""
         out = F.relu(self.bn1(x))
         # The reference takes the projection from the pre-activated tensor, the identity from x.
         shortcut = x if self.shortcut is None else self.shortcut(out)
@@ -45,7 +46,7 @@ class PreActResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         widths, strides = [64, 128, 256, 512], [1, 2, 2, 2]
         stages, c_in = [], 64
-        for c_out, n, stride in zip(widths, num_blocks, strides):
+        for c_out, n, stride in zip(widths, num_blocks, strides, strict=True):  # four stages
             stages.append(make_stage(PreActBlock, c_in, c_out, n, stride))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -53,6 +54,7 @@ class PreActResNet(nn.Module):
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of normalised images."""
         out = self.conv1(x)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.relu(self.bn(out))

@@ -30,6 +30,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv-BN-ReLU, conv-BN, plus the (projected) input, then ReLU."""
         # Out-of-place ReLU and add: GradAlign differentiates through the input gradient again.
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -51,13 +52,14 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         widths, strides = [64, 128, 256, 512], [1, 2, 2, 2]
         stages, c_in = [], 64
-        for c_out, n, stride in zip(widths, num_blocks, strides):
+        for c_out, n, stride in zip(widths, num_blocks, strides, strict=True):  # four stages
             stages.append(make_stage(BasicBlock, c_in, c_out, n, stride))
             c_in = c_out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.linear = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of normalised images."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)

@@ -9,7 +9,7 @@ left out (it holds parameters that never receive gradients), so its checkpoints 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ class WideBlock(nn.Module):
             self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """BN-ReLU-conv twice (dropout between), plus the (projected) input."""
         pre = F.relu(self.bn1(x))
         out = F.relu(self.bn2(self.conv1(pre)))
         if self.dropout > 0:
@@ -77,6 +78,7 @@ class WideResNet(nn.Module):
                 m.bias.data.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of normalised images."""
         out = self.block3(self.block2(self.block1(self.conv1(x))))
         out = F.relu(self.bn1(out))
         # Adaptive pooling equals the reference avg_pool2d(8) at 32x32 and also allows other sizes.

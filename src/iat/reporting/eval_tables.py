@@ -2,24 +2,17 @@
 protocol written next to every number, and the files written side by side."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..records import EvalRecord, atomic_write_text, write_eval
-from .render import csv_text, markdown_table, text_table
+from .render import csv_text, fmt_eps, markdown_table, text_table
 
 LOSS_NAMES = {"ce": "cross-entropy", "cw": "CW margin", "kl": "KL"}
 CSV_FIELDS = ["attack", "accuracy", "correct", "total", "attacked", "counted", "eps", "norm", "steps", "step_size",
               "restarts", "loss", "random_start", "protocol", "checkpoint", "checkpoint_kind", "checkpoint_epoch",
               "dataset", "split", "seed", "mode"]
-
-
-def fmt_eps(value: float) -> str:
-    """8/255 for multiples of 1/255 below 1, else a short decimal."""
-    k = value * 255
-    if 0 < value < 1 and abs(k - round(k)) < 1e-6:
-        return f"{round(k)}/255"
-    return f"{value:.4g}"
 
 
 def protocol_text(p: Mapping[str, Any]) -> str:
@@ -36,7 +29,8 @@ def protocol_text(p: Mapping[str, Any]) -> str:
     start = "random start" if p.get("random_start") else "no random start"
     restarts = f", {p['restarts']} restarts" if p.get("restarts", 1) > 1 else ""
     extra = (", no projection" if not p.get("project", True) else "") + (", DEScent" if p.get("descent") else "")
-    loss = LOSS_NAMES.get(p.get("loss"), p.get("loss"))
+    loss = p.get("loss")
+    loss = LOSS_NAMES.get(loss, loss) if isinstance(loss, str) else loss
     return f"{p['norm']} eps {fmt_eps(p['eps'])}, {steps}, {start}{restarts}, {loss} loss{extra}"
 
 
@@ -58,7 +52,8 @@ def format_sweep(sweep: Mapping[str, Any]) -> str:
     return head + "\n" + text_table(["eps", "accuracy", "correct"], cells, widths=[8, 9, 11], align="rrr")
 
 
-def format_checks(checks: list[Mapping[str, Any]]) -> str:
+def format_checks(checks: Sequence[Mapping[str, Any]]) -> str:
+    """One line per sanity check: STATUS name: message."""
     return "\n".join(f"{c['status'].upper():<5} {c['name']}: {c['message']}" for c in checks)
 
 
@@ -79,6 +74,7 @@ MODE_TEXT = {"each": "every attack runs on every naturally correct example; wors
 
 
 def to_markdown(result: EvalRecord) -> str:
+    """The evaluation as a Markdown document: header, accuracies, sanity checks, eps sweep."""
     rows = [[r["attack"], f"{r['accuracy']:.2%}", f"{r['correct']} / {r['total']}", protocol_text(r["protocol"])]
             for r in result.results]
     lines = ["# Robustness evaluation", "", *_header(result), "",
@@ -118,11 +114,13 @@ def _csv_row(result: EvalRecord, r: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_csv(result: EvalRecord) -> str:
+    """One CSV line per attack, with its protocol and the checkpoint, data and seed."""
     rows = [_csv_row(result, r) for r in result.results]
     return csv_text(CSV_FIELDS, [[row[f] for f in CSV_FIELDS] for row in rows])
 
 
 def output_paths(out: Path) -> dict[str, Path]:
+    """The JSON, CSV, Markdown and eps-sweep PNG paths of results file `out`."""
     stem = out.with_suffix("")
     return {"json": out, "csv": out.with_suffix(".csv"), "md": out.with_suffix(".md"),
             "png": stem.with_name(stem.name + "-eps-sweep.png")}

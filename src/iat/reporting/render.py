@@ -1,14 +1,25 @@
-"""The one table renderer of `iat`'s reports: Markdown tables, CSV text and fixed-width terminal tables.
+"""The one table renderer of `iat`'s reports: Markdown tables, CSV text and fixed-width terminal tables,
+and `fmt_eps`, the one spelling of an eps in every report, plot and flag.
 
 Pure functions of a header and rows; the callers format their numbers into cells first (a cell is
-written with `format(cell, "")`, so strings pass through and None reads "None")."""
+written with `format(cell, "")`, so strings pass through and None reads "None"). Imports nothing of
+`iat`, so every other reporting module can import it."""
 from __future__ import annotations
 
 import csv
 import io
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 Rows = Sequence[Sequence[object]]
+
+
+def fmt_eps(value: float) -> str:
+    """8/255 for multiples of 1/255 below 1, else a short decimal."""
+    k = value * 255
+    if 0 < value < 1 and abs(k - round(k)) < 1e-6:
+        return f"{round(k)}/255"
+    return f"{value:.4g}"
 
 
 def markdown_row(cells: Sequence[object]) -> str:
@@ -50,8 +61,9 @@ def text_table(header: Sequence[str], rows: Rows, widths: Sequence[int], align: 
         raise ValueError("header, widths, align and sep do not agree on the number of columns")
 
     def line(cells: Sequence[object]) -> str:
-        padded = [format(format(c), (">" if a == "r" else "<") + str(w)) for c, w, a in zip(cells, widths, align)]
-        return padded[0] + "".join(s + p for s, p in zip(seps, padded[1:]))
+        padded = [format(format(c), (">" if a == "r" else "<") + str(w))
+                  for c, w, a in zip(cells, widths, align, strict=True)]
+        return padded[0] + "".join(s + p for s, p in zip(seps, padded[1:], strict=True))
 
     head = line(header)
     return "\n".join([head, "-" * (len(head) + rule_extra), *(line(r) for r in rows)])

@@ -11,7 +11,7 @@ import torch
 
 from .. import config as C
 from ..errors import UsageError
-from ..reporting.eval_tables import fmt_eps
+from ..reporting.render import fmt_eps
 from .runner import run_dir, train_state
 from .spec import TableSpec
 
@@ -19,6 +19,7 @@ TIMED_STEPS = 2  # after one warm-up step
 
 
 def cell_line(name: str, cfg: C.TrainConfig) -> str:
+    """One line of a cell's training settings for the dry-run plan."""
     o, t = cfg.optim, cfg.threat
     options = ", ".join(f"{k}={v}" for k, v in cfg.method_options.items())
     return (f"  {name}: {cfg.method}{f' ({options})' if options else ''}, {cfg.model} on {cfg.data.name} "
@@ -27,6 +28,7 @@ def cell_line(name: str, cfg: C.TrainConfig) -> str:
 
 
 def eval_lines(spec: TableSpec) -> list[str]:
+    """One line per eval group: its attacks, examples, checkpoints and file."""
     kinds = ", ".join(spec.checkpoints)
     return [f"  {'late phase, after every cell has trained' if g.late else 'after each cell trains'}: "
             f"{g.attacks} on {g.n_examples or 'all'} test examples, checkpoints {kinds}"
@@ -78,6 +80,7 @@ def estimate_lines(spec: TableSpec, out: Path, jobs: int, threads: int) -> list[
 
 
 def print_plan(spec: TableSpec, out: Path, jobs: int, threads: int, estimate: bool) -> list[str]:
+    """The dry-run plan's lines: cells, evaluations and (with `estimate`) the time it will take."""
     lines = [f"iat reproduce {spec.name}: {len(spec.cells)} cells x {len(spec.seeds)} seeds {spec.seeds} into {out}"]
     lines += [cell_line(c.name, spec.train_config(c, spec.seeds[0])) for c in spec.cells]
     lines += ["evaluations:", *eval_lines(spec)]

@@ -17,23 +17,36 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import config as C
-from ..records import (MetricLine, RunRecord, atomic_write_text, first_difference, read_eval, read_metrics,
-                       read_run, try_read_eval, write_eval)
+from ..attacks.autoattack import require_autoattack
+from ..data import load_dataset
 from ..errors import UsageError
+from ..records import (
+    MetricLine,
+    RunRecord,
+    atomic_write_text,
+    read_eval,
+    read_metrics,
+    read_run,
+    try_read_eval,
+    write_eval,
+)
+from ..same_run import first_difference
 from .spec import KINDS, Cell, EvalGroup, TableSpec
 
 
 def run_dir(out: Path, cell: Cell, seed: int) -> Path:
+    """The run directory of a cell's seed: OUT/<cell>/seed<k>."""
     return out / cell.name / f"seed{seed}"
 
 
 def read_records(run: Path) -> list[MetricLine]:
+    """The run's metrics.jsonl lines ([] before its first epoch)."""
     return read_metrics(run / "metrics.jsonl")
 
 
 def train_state(run: Path, cfg: C.TrainConfig) -> str:
     """'new', 'partial' (resume it) or 'done'; a run made with other settings is an error (the same rule
-    as --resume: records.first_difference)."""
+    as --resume: same_run.first_difference)."""
     saved_path = run / "config.json"
     if not saved_path.is_file():
         return "partial" if (run / "checkpoints" / "last.safetensors").is_file() else "new"
@@ -47,10 +60,12 @@ def train_state(run: Path, cfg: C.TrainConfig) -> str:
 
 
 def eval_path(run: Path, kind: str, group: EvalGroup) -> Path:
+    """The eval JSON of a checkpoint kind and eval group: eval-<kind>[-<group>].json."""
     return run / f"eval-{kind}{'-' + group.name if group.name else ''}.json"
 
 
-def checkpoint_epochs(run: Path) -> dict[str, int]:
+def checkpoint_epochs(run: Path) -> dict[str, Optional[int]]:
+    """The epochs of the run's best and last checkpoints ({} before its first epoch; best None if unrecorded)."""
     records = read_records(run)
     return {"best": records[-1].best_epoch, "last": records[-1].epoch} if records else {}
 
@@ -70,6 +85,8 @@ def eval_done(run: Path, kind: str, group: EvalGroup, more: bool = False) -> boo
 
 @dataclasses.dataclass
 class Step:
+    """One `iat` subprocess of a cell, logged to OUT/logs/<cell>-<log>.log."""
+
     log: str
     argv: list[str]  # after `iat`
     copy_to: Optional[Path] = None  # also save the eval as this (the best checkpoint is the last one)
@@ -126,6 +143,7 @@ class Children:
         self.stopping = threading.Event()
 
     def run(self, argv: list[str], log: Any, env: dict[str, str]) -> int:
+        """Run `iat ARGV` with output to `log`; its exit status (-SIGTERM if stopping)."""
         with self.lock:
             if self.stopping.is_set():
                 return -signal.SIGTERM
@@ -139,6 +157,7 @@ class Children:
                 self.live.discard(proc)
 
     def stop(self) -> None:
+        """Terminate the running children and start no more."""
         with self.lock:
             self.stopping.set()
             for proc in self.live:
@@ -165,7 +184,8 @@ def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
                 code = children.run(step.argv, f, env)
             if code != 0:
                 tail = [line for line in log.read_text().splitlines() if line.strip()][-1:]
-                return ident, time.perf_counter() - t0, f"`iat {step.argv[0]}` exited {code}: {' '.join(tail)} (log: {log})"
+                failure = f"`iat {step.argv[0]}` exited {code}: {' '.join(tail)} (log: {log})"
+                return ident, time.perf_counter() - t0, failure
             _copy_if_same(run, step)
         return ident, time.perf_counter() - t0, ""
     finally:
@@ -225,12 +245,38 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def preflight(spec: TableSpec, out: Path) -> None:
+    """What the cells with work need, checked once before the first of them starts (so a missing data set or
+    extra is one line, not one failure per cell): every data set loads, and pyautoattack is installed when an
+    evaluation group runs AutoAttack."""
+    plans = [_plan(spec, out, late) for late in (False, True)]
+    cells = {ident: cfg for plan in plans for ident, _, cfg, _, _ in plan}
+    if not cells:
+        return
+    data: dict[tuple[str, Optional[str], bool], list[str]] = {}
+    for ident, cfg in cells.items():
+        data.setdefault((cfg.data.name, cfg.data.root, cfg.data.download), []).append(ident)
+    for (name, root, download), idents in data.items():
+        try:
+            load_dataset(name, root, download=download)
+        except UsageError as err:
+            raise UsageError(f"{len(idents)} of the cells with work (e.g. {idents[0]}) train on {name}, which does "
+                             f"not load: {err}; nothing was started") from None
+    if any("autoattack" in group.columns() for group in spec.evals):
+        try:
+            require_autoattack()
+        except UsageError as err:
+            raise UsageError(f"the table's evaluations run AutoAttack: {err}; nothing was started") from None
+
+
 def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] = None,
               dry_run: bool = False, gpus: Optional[list[str]] = None) -> list[str]:
     """Advance every cell: first training and the early evals of all cells, then the late evals.
-    Returns the failures (one line each)."""
+    Returns the failures (one line each). Before anything runs, `preflight` checks what the cells need."""
     failures: list[str] = []
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    if not dry_run:
+        preflight(spec, out)
     for late in (False, True):
         plan = _plan(spec, out, late)
         phase = "late evaluations" if late else "training and evaluation"
@@ -243,8 +289,9 @@ def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] 
             continue
         (out / "configs").mkdir(parents=True, exist_ok=True)
         (out / "logs").mkdir(exist_ok=True)
-        for ident, run, cfg, state, _ in plan:
+        for ident, _run, cfg, state, _ in plan:
             if state == "new":
-                atomic_write_text(out / "configs" / f"{ident.replace('/', '-')}.json", json.dumps(C.to_dict(cfg), indent=1))
+                atomic_write_text(out / "configs" / f"{ident.replace('/', '-')}.json",
+                                  json.dumps(C.to_dict(cfg), indent=1))
         failures += _execute(plan, out, phase, jobs, threads, gpus)
     return failures

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .. import config as C
 from ..data.standards import resolve_threat
@@ -18,12 +18,16 @@ KINDS = ("best", "last")
 
 @dataclasses.dataclass
 class Cell:
+    """One cell of a table: a name and its config settings over the table's config."""
+
     name: str
     settings: dict[str, Any]  # dotted config keys -> values, applied over the table's config
 
 
 @dataclasses.dataclass
 class Compare:
+    """A claim checked by the table: cell `ours` against cell `base`, paired by seed."""
+
     claim: str
     base: str
     ours: str
@@ -40,6 +44,7 @@ class EvalGroup:
     late: bool = False
 
     def columns(self) -> list[str]:
+        """The group's attacks, in order."""
         return [a for a in self.attacks.split(",") if a]
 
 
@@ -54,11 +59,14 @@ class Sweep:
 
     @property
     def name(self) -> str:
+        """The option's last part (eps_inv for method_options.eps_inv), used in file names."""
         return self.option.rsplit(".", 1)[-1]
 
 
 @dataclasses.dataclass
 class TableSpec:
+    """A validated table spec: the cells x seeds to train, their evaluations, claims and sweeps."""
+
     name: str
     title: str
     seeds: list[int]
@@ -72,9 +80,11 @@ class TableSpec:
     source: str = ""
 
     def cell(self, name: str) -> Cell:
+        """The cell named `name`."""
         return next(c for c in self.cells if c.name == name)
 
     def train_config(self, cell: Cell, seed: int) -> C.TrainConfig:
+        """The resolved training config of `cell` with `seed` (the data set's standard threat model unless set)."""
         cfg = C.from_dict(self.config)
         for key, value in cell.settings.items():
             if key == "method_options":
@@ -95,6 +105,7 @@ def _threat_keys(values: dict[str, Any]) -> set[str]:
 
 
 def builtin_tables() -> dict[str, Path]:
+    """The built-in table specs (iat/experiments/*.toml) by name."""
     return {p.stem: p for p in sorted(SPEC_DIR.glob("*.toml"))}
 
 
@@ -169,9 +180,9 @@ def extend_spec(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 
     title, seeds, checkpoints, notes: the child's if given. [config]: tables merged key by key (the child's
     values win). drop_cells: base cells left out, with the compares that name them and their place in the
-    sweeps (a sweep left with no cell goes too). [[cells]] and [[evals]]: merged by name (a child entry replaces the base's of that name, new
-    names are appended). [[compare]]: the child's are appended (an identical one is kept once). [[sweeps]]:
-    merged by option.
+    sweeps (a sweep left with no cell goes too). [[cells]] and [[evals]]: merged by name (a child entry
+    replaces the base's of that name, new names are appended). [[compare]]: the child's are appended (an
+    identical one is kept once). [[sweeps]]: merged by option.
     """
     drop = child.pop("drop_cells", [])
     if not isinstance(drop, list) or not all(isinstance(d, str) for d in drop):
@@ -226,14 +237,17 @@ def load_spec(name: str) -> TableSpec:
     return spec
 
 
-def _typed(raw: dict, key: str, kind: type, default: Any) -> Any:
+Kind = Union[type, tuple[type, ...]]  # what isinstance takes
+
+
+def _typed(raw: dict, key: str, kind: Kind, default: Any) -> Any:
     value = raw.get(key, default)
     if not isinstance(value, kind):
         raise UsageError(f"{key} must be a {_KIND_NAMES.get(kind, 'list or string')}, got {value!r}")
     return value
 
 
-_KIND_NAMES = {list: "list", dict: "table", str: "string"}
+_KIND_NAMES: dict[Kind, str] = {list: "list", dict: "table", str: "string"}
 
 
 def _tables(raw: dict, key: str, default: Any) -> list[dict]:
@@ -257,8 +271,9 @@ def _parse(raw: dict, path: Path) -> TableSpec:
     evals = [_eval_group(e) for e in _tables(raw, "evals", [{"attacks": "natural,pgd20,cw"}])]
     checkpoints = _typed(raw, "checkpoints", (list, str), list(KINDS))
     return TableSpec(
-        name=path.stem, title=_typed(raw, "title", str, path.stem), seeds=seeds, config=_typed(raw, "config", dict, None),
-        cells=cells, evals=evals, checkpoints=tuple([checkpoints] if isinstance(checkpoints, str) else checkpoints),
+        name=path.stem, title=_typed(raw, "title", str, path.stem), seeds=seeds,
+        config=_typed(raw, "config", dict, None), cells=cells, evals=evals,
+        checkpoints=tuple([checkpoints] if isinstance(checkpoints, str) else checkpoints),
         compare=[Compare(**c) for c in _tables(raw, "compare", [])],
         sweeps=[Sweep(**s) for s in _tables(raw, "sweeps", [])], notes=_typed(raw, "notes", str, ""),
         source=str(path))
@@ -328,7 +343,9 @@ def option_value(spec: TableSpec, cell: Cell, option: str) -> float:
     return float(value)
 
 
-def check_sweep(spec: TableSpec, sweep: Sweep, path: Path) -> None:
+def check_sweep(spec: TableSpec, sweep: Sweep, path: str) -> None:
+    """A sweep names known cells and columns, and its option is a number in every swept cell; `path` (the
+    spec's source) leads the error."""
     names = {c.name for c in spec.cells}
     unknown = set(sweep.cells) - names | ({sweep.reference} - names if sweep.reference else set())
     columns = {c for g in spec.evals for c in g.columns()} | {"worst case"}

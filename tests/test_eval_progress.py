@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from cli_helpers import FAST, train_tiny
 from iat.attacks import Natural, create_attack
 from iat.cli import main
 from iat.evaluation import accuracy, pipeline
@@ -90,15 +91,10 @@ def test_autoattack_flags_keep_their_text_and_lose_the_dead_link():
     assert "flags_doc.md" not in flag and "3 points with zero gradient" in flag and "gradient masking" in flag
 
 
-FAST = ["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--batch-size", "64", "--val-size", "128",
-        "--steps", "1", "--eps", "8/255", "--step-size", "8/255", "--no-progress"]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "r"
-    assert main(["train", "--method", "standard", *FAST, "--out", str(out)]) == 0
-    return out
+    flags = [*FAST[:FAST.index("--steps")], "--steps", "1", "--eps", "8/255", "--step-size", "8/255", "--no-progress"]
+    return train_tiny(tmp_path_factory.mktemp("runs") / "r", "standard", flags)
 
 
 def _eval(run, *args):

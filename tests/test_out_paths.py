@@ -4,18 +4,14 @@ import time
 
 import pytest
 
+from cli_helpers import FAST, train_tiny
 from iat.cli import main
 from iat.training.run_dir import lock_path
-
-FAST = ["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--batch-size", "64", "--val-size", "128",
-        "--steps", "2", "--eps", "8/255", "--step-size", "2/255", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "pgd-at"
-    assert main(["train", "--method", "pgd-at", *FAST, "--out", str(out)]) == 0
-    return out
+    return train_tiny(tmp_path_factory.mktemp("runs") / "pgd-at", "pgd-at")
 
 
 def _eval_refused(run, out, capsys, monkeypatch, *extra):

@@ -5,17 +5,13 @@ import shutil
 
 import pytest
 
+from cli_helpers import train_tiny
 from iat.cli import main
-
-FAST = ["--dataset", "synthetic", "--model", "cnn", "--epochs", "1", "--batch-size", "64", "--val-size", "128",
-        "--steps", "2", "--eps", "8/255", "--step-size", "2/255", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "four"
-    assert main(["train", "--method", "standard", *FAST, "--out", str(run)]) == 0
-    return run
+    return train_tiny(tmp_path_factory.mktemp("runs") / "four")
 
 
 def _copy(run, dest, **edit):

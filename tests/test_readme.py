@@ -1,17 +1,16 @@
-"""The README is executable documentation: every Python block in it runs as written."""
-import re
-from pathlib import Path
-
+"""The README and the docs pages it points to are executable documentation: every Python block in them
+runs as written (the pages are tests/doc_pages.py's PAGES)."""
 import pytest
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+from doc_pages import PAGES, python_blocks
+
+BLOCKS = [(page, index, block) for page in PAGES for index, block in enumerate(python_blocks(page))]
 
 
 def test_the_readme_has_python_blocks():
-    assert BLOCKS
+    assert python_blocks("README.md")
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_block_runs(index):
-    exec(compile(BLOCKS[index], f"README.md python block {index + 1}", "exec"), {})
+@pytest.mark.parametrize("page, index, block", BLOCKS, ids=[f"{page}:{index + 1}" for page, index, _ in BLOCKS])
+def test_readme_python_block_runs(page, index, block):
+    exec(compile(block, f"{page} python block {index + 1}", "exec"), {})

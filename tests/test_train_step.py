@@ -22,7 +22,7 @@ def _same(a, b):
 
 
 def _hand_written_step(method, model, x, y, optimizer, step, total):
-    """The sequence the trainer ran before train_step existed (and the README's loop showed)."""
+    """The sequence the trainer ran before train_step existed (docs/library.md lists its hooks)."""
     method.at_step(step, total)
     with method.step_context(model):
         loss, metrics = method.loss(model, x, y)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..attacks import PGD, Natural, create_attack
+from ..attacks import Attack, Natural
 from ..config import setting
 from ..data import load_dataset, resolve_threat, standard_threat
 from ..errors import UsageError
@@ -24,8 +24,9 @@ from ..extras import require_matplotlib
 from ..records import EvalRecord, RunRecord
 from ..runtime.device import resolve_device
 from ..threat import ThreatModel
-from ..values import coerce, parse_literal, parse_number
+from ..values import parse_number
 from .accuracy import pack_flags, robust_accuracy
+from .attack_spec import build_attacks
 from .extend import merge, part_seed, parts, restore_attack_state
 from .loading import checkpoint_path, is_pickle, load_model, load_model_file
 from .sanity import check_class_coverage, run_checks
@@ -67,49 +68,6 @@ class EvalConfig:
                               "attacks, examples, threat model, mode or checkpoint epoch (the same evaluation is "
                               "always replaced)")
     progress: bool = setting(True, "progress bars")
-
-
-def parse_attack_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'pgd20:restarts=5:steps=50' -> ('pgd20', {'restarts': 5, 'steps': 50})."""
-    name, *parts = spec.split(":")
-    overrides = {}
-    for part in parts:
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise UsageError(f"attack overrides look like NAME:KEY=VALUE (e.g. pgd20:restarts=5), got {spec!r}")
-        overrides[key.strip()] = parse_literal(value.strip())
-    return name.strip(), overrides
-
-
-def typed_overrides(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """NAME:KEY=VALUE values as the attack's fields declare them (pgd20:steps=x is named, not a TypeError)."""
-    hints = typing.get_type_hints(PGD)
-    return {k: coerce(v, hints[k], f"attack {name}: {k}") if hints.get(k) in (int, float, bool) else v
-            for k, v in overrides.items()}
-
-
-def build_attacks(names: str, threat: ThreatModel, restarts: int = 1) -> dict[str, Any]:
-    """Comma-separated specs -> {spec: attack} in `threat`'s ball; 'natural' comes first even when not asked for."""
-    specs = [n.strip() for n in names.split(",") if n.strip()]
-    if not specs:
-        raise UsageError("--attacks is empty; e.g. --attacks natural,pgd20")
-    if len(set(specs)) != len(specs):
-        raise UsageError(f"--attacks names an attack twice: {names}")
-    if restarts < 1:
-        raise UsageError(f"--restarts must be at least 1, got {restarts}")
-    attacks: dict[str, Any] = {"natural": Natural()}
-    for spec in specs:
-        name, overrides = parse_attack_spec(spec)
-        if name == "natural":
-            continue
-        try:
-            attack = create_attack(name, **{"eps": threat.eps, "norm": threat.norm, **typed_overrides(name, overrides)})
-        except TypeError as err:
-            raise UsageError(f"attack {name!r} does not accept {sorted(overrides)}: {err}") from None
-        if isinstance(attack, PGD) and attack.random_start and restarts > 1 and "restarts" not in overrides:
-            attack = dataclasses.replace(attack, restarts=restarts)
-        attacks[spec] = attack
-    return attacks
 
 
 def sweep_values(text: str, threat: ThreatModel, input_numel: int) -> list[float]:
@@ -171,7 +129,7 @@ class Prepared:
     threat: ThreatModel
     about: dict[str, Any]
     num_classes: Optional[int]
-    attacks: list[str]  # the result rows' names, natural first
+    attacks: dict[str, Attack]  # built once, in `threat`'s ball; the keys are the result rows' names, natural first
 
 
 def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
@@ -181,14 +139,14 @@ def evaluate_checkpoint(target: str, cfg: EvalConfig) -> EvalRecord:
 
 def identity(p: Prepared, cfg: EvalConfig) -> dict[str, Any]:
     """What makes two evaluations the same one (replace.check_replace compares it with a results file)."""
-    return {"attacks": p.attacks, "n_examples": len(p.x), "threat": {"eps": p.threat.eps, "norm": p.threat.norm},
+    return {"attacks": list(p.attacks), "n_examples": len(p.x), "threat": {"eps": p.threat.eps, "norm": p.threat.norm},
             "mode": "cumulative" if cfg.worst_case_only else "each", "checkpoint_epoch": p.about["checkpoint_epoch"]}
 
 
 def evaluate_prepared(p: Prepared, cfg: EvalConfig, prior: Optional[EvalRecord] = None) -> EvalRecord:
     """`prior`: a results file's record of this evaluation on fewer examples, to extend (evaluation.extend)."""
     return evaluate_examples(p.model, p.x, p.y, p.threat, cfg, p.about, y_split=p.y_split, num_classes=p.num_classes,
-                             prior=prior)
+                             prior=prior, attacks=p.attacks)
 
 
 def prepare_checkpoint(target: str, cfg: EvalConfig) -> Prepared:
@@ -208,17 +166,20 @@ def prepare_checkpoint(target: str, cfg: EvalConfig) -> Prepared:
              "model": loaded["model"], "method": loaded["method"], "train_threat": train_threat.describe(),
              "config": dataclasses.asdict(cfg), "device": str(device)}
     return Prepared(model, test.x[:n], test.y[:n], test.y, threat, about, (loaded["model"] or {}).get("num_classes"),
-                    list(build_attacks(cfg.attacks, threat, cfg.restarts)))
+                    build_attacks(cfg.attacks, threat, cfg.restarts))
 
 
 def evaluate_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, cfg: EvalConfig,
                       about: dict[str, Any], *, y_split: torch.Tensor, num_classes: Optional[int],
-                      prior: Optional[EvalRecord] = None) -> EvalRecord:
+                      prior: Optional[EvalRecord] = None,
+                      attacks: Optional[dict[str, Attack]] = None) -> EvalRecord:
     """The one evaluation of `iat eval` and `iat.evaluate`: every attack of `cfg` in `threat`'s ball on (x, y),
     the sanity checks (class coverage against `y_split`, the labels the examples were taken from) and the
     eps sweep if asked. `about` holds the record's fields that say what was evaluated (checkpoint, data, ...).
-    With `prior` (the same evaluation on the first K examples) only x[K:] is attacked (evaluation.extend)."""
-    attacks = build_attacks(cfg.attacks, threat, cfg.restarts)
+    With `prior` (the same evaluation on the first K examples) only x[K:] is attacked (evaluation.extend).
+    `attacks`: cfg.attacks already built in `threat`'s ball (prepare_checkpoint does), else they are built here."""
+    if attacks is None:
+        attacks = build_attacks(cfg.attacks, threat, cfg.restarts)
     start = 0 if prior is None else prior.data["n_examples"]
     if prior is not None:
         if cfg.eps_sweep:

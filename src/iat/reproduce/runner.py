@@ -93,8 +93,10 @@ class Step:
     done: Optional[tuple[str, EvalGroup]] = None  # (checkpoint, group): skip the step if that eval exists by then
 
 
-def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, late: bool) -> list[Step]:
-    """What this cell still needs: training (early phase), then its evals of the early or the late phase."""
+def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, late: bool,
+               notes: bool = True) -> list[Step]:
+    """What this cell still needs: training (early phase), then its evals of the early or the late phase.
+    `notes`: print a line for each longer evaluation that is kept and not counted."""
     run = run_dir(out, cell, seed)
     steps = []
     if not late and state == "new":
@@ -108,9 +110,10 @@ def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, la
                  if state != "done" or not eval_done(run, k, group)]
         for kind in [k for k in kinds if eval_done(run, k, group, more=True)]:
             kinds.remove(kind)  # a longer evaluation is never replaced by a shorter one; the table leaves it out
-            print(f"iat: {eval_path(run, kind, group)} holds this evaluation on more than the table's "
-                  f"{group.n_examples} examples; kept and not counted (raise the spec's n_examples to use it)",
-                  file=sys.stderr)
+            if notes:
+                print(f"iat: {eval_path(run, kind, group)} holds this evaluation on more than the table's "
+                      f"{group.n_examples} examples; kept and not counted (raise the spec's n_examples to use it)",
+                      file=sys.stderr)
         for kind in kinds:
             argv = ["eval", str(run), "--checkpoint", kind, "--attacks", group.attacks, "--no-progress",
                     "--out", str(eval_path(run, kind, group)), "--overwrite",  # eval_done found it stale
@@ -193,7 +196,8 @@ def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
             gpus.put(gpu)
 
 
-def _plan(spec: TableSpec, out: Path, late: bool) -> list[tuple[str, Path, C.TrainConfig, str, list[Step]]]:
+def _plan(spec: TableSpec, out: Path, late: bool,
+          notes: bool = True) -> list[tuple[str, Path, C.TrainConfig, str, list[Step]]]:
     plan = []
     for cell in spec.cells:
         for seed in spec.seeds:
@@ -202,7 +206,7 @@ def _plan(spec: TableSpec, out: Path, late: bool) -> list[tuple[str, Path, C.Tra
             state = train_state(run, cfg)
             if late and state != "done":
                 continue  # its training failed in the early phase (reported there)
-            steps = plan_steps(spec, out, cell, seed, state, late)
+            steps = plan_steps(spec, out, cell, seed, state, late, notes)
             if steps:
                 plan.append((f"{cell.name}/seed{seed}", run, cfg, state, steps))
     return plan
@@ -249,7 +253,7 @@ def preflight(spec: TableSpec, out: Path) -> None:
     """What the cells with work need, checked once before the first of them starts (so a missing data set or
     extra is one line, not one failure per cell): every data set loads, and pyautoattack is installed when an
     evaluation group runs AutoAttack."""
-    plans = [_plan(spec, out, late) for late in (False, True)]
+    plans = [_plan(spec, out, late, notes=False) for late in (False, True)]
     cells = {ident: cfg for plan in plans for ident, _, cfg, _, _ in plan}
     if not cells:
         return

@@ -324,7 +324,7 @@ def _check(spec: TableSpec) -> None:
 def check_attacks(attacks: str, cfg: C.TrainConfig) -> None:
     """The attacks of an eval group, built in the cell's threat model (AutoAttack by name only: its package
     is an optional extra that `iat reproduce --list` must not need)."""
-    from ..evaluation.pipeline import build_attacks, parse_attack_spec
+    from ..evaluation.attack_spec import build_attacks, parse_attack_spec
 
     specs = [a for a in attacks.split(",") if a.strip()]
     build_attacks(",".join(a for a in specs if parse_attack_spec(a)[0] != "autoattack") or "natural", cfg.threat)

@@ -28,8 +28,49 @@ EVAL_FILES = ("eval-*.json", "eval-*.csv", "eval-*.md", "eval-*-eps-sweep.png") 
 
 
 def holds_run(out: Path) -> bool:
-    """A folder holds a run if iat wrote any of its files there (a lone metrics.jsonl counts too)."""
-    return any((out / name).exists() for name in RUN_FILES)
+    """A folder holds a run if iat wrote any of its files there (a lone metrics.jsonl counts too); what an
+    interrupted write left behind (`leftovers`) and an empty checkpoints/ folder do not count."""
+    stale = set(leftovers(out))
+    for name in RUN_FILES:
+        path = out / name
+        if name == "checkpoints" and path.is_dir() and not path.is_symlink():
+            if any(p not in stale for p in path.iterdir()):
+                return True
+        elif path.exists():
+            return True
+    return False
+
+
+def leftovers(out: Path) -> list[Path]:
+    """What a process killed while writing a run's files leaves: the temporary files of `records`'
+    atomic writes (.NAME.XXXXXXXX.tmp beside config.json, metrics.jsonl or a checkpoint) and the folder an
+    interrupted --overwrite moved the old files to (.iat-replaced-*). Whoever holds the run lock may remove them:
+    every writer of a run's files holds it."""
+    found: list[Path] = []
+    for folder in (out, out / "checkpoints"):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for path in folder.iterdir():
+            name = path.name
+            if folder == out and name.startswith(".iat-replaced-") and path.is_dir() and not path.is_symlink():
+                found.append(path)
+            elif name.startswith(".") and name.endswith(".tmp") and path.is_file() and not path.is_symlink():
+                target = name[1:-len(".tmp")].rsplit(".", 1)[0]  # .NAME.XXXXXXXX.tmp -> NAME
+                if (target in ("config.json", "metrics.jsonl") if folder == out else target.endswith(".safetensors")):
+                    found.append(path)
+    return sorted(found)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove `leftovers(out)` (under the run lock), and checkpoints/ if that leaves it empty."""
+    for path in leftovers(out):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir() and not checkpoints.is_symlink() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
 
 
 def saved_run(out: Path) -> RunRecord:
@@ -59,7 +100,8 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None,
         raise UsageError(_in_use(out, holder, "--out"))
     if exists and saved is None and not overwrite:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if not exists and out.is_dir() and any(not p.name.endswith(".iat-lock") for p in out.iterdir()):
+    ours = set(leftovers(out)) | {out / "checkpoints"}
+    if not exists and out.is_dir() and any(not p.name.endswith(".iat-lock") and p not in ours for p in out.iterdir()):
         raise UsageError(f"{out} holds files that are not an iat run; choose a new or empty folder as --out")
     check_writable(out)
     if exists and overwrite:
@@ -73,6 +115,8 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None,
             raise UsageError(f"{out} already holds a run (started meanwhile by another process, which the "
                              f"--overwrite you gave did not see); {what}" if overwrite else
                              f"{out} already holds a run (started meanwhile by another process); {what}")
+        if main_rank:
+            remove_leftovers(out)  # an interrupted write's temporary files: under the lock, nobody else's
         if saved is not None and (out / "checkpoints" / "last.safetensors").exists():
             trainer.resume()
         elif saved is not None:

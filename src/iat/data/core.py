@@ -137,6 +137,7 @@ def default_root() -> Path:
 
 
 def resolve_root(root: str | Path | None) -> Path:
+    """The data root a command uses: `root` if given (with ~ expanded), else `default_root()`."""
     return Path(root).expanduser() if root is not None else default_root()
 
 

@@ -118,6 +118,10 @@ class TrainConfig:
     distributed: DistributedConfig = setting(factory=DistributedConfig)
     checkpoint_every_steps: int = setting(0, "also save the training state every N batches (0: only at the end "
                                           "of each epoch)", flag="checkpoint-every", bounds="[0, 1e12]")
+    checkpoint_every_minutes: float = setting(0.0, "also save the training state mid-epoch once this many minutes "
+                                              "have passed since the last save, so a preempted, requeued job loses "
+                                              "at most that much training (0: off)",
+                                              flag="checkpoint-every-minutes", bounds="[0, inf)")
     progress: bool = setting(True, "progress bars")
     tensorboard: bool = setting(False, "also write TensorBoard event files to RUN/tensorboard/ (pip install "
                                 "\"iat[tensorboard]\")", flag="tensorboard")

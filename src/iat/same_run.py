@@ -10,7 +10,8 @@ if TYPE_CHECKING:
 
 # What a resumed run may change: where it runs and what it prints, never its arithmetic.
 MAY_CHANGE = ("config.device", "config.progress", "config.data.root", "config.data.download",
-              "config.checkpoint_every_steps", "config.tensorboard", "config.tensorboard_every", "device", "torch")
+              "config.checkpoint_every_steps", "config.checkpoint_every_minutes", "config.tensorboard",
+              "config.tensorboard_every", "device", "torch")
 # Settings added after runs were recorded, with the value those runs had, so that a record without the
 # setting is the same run as one with this value: dotted key -> (the methods the key belongs to, or None
 # for every run, value).

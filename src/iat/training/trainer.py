@@ -72,6 +72,7 @@ class Trainer:
         self.board = Board(cfg, self.out, self.dist.is_main)  # TensorBoard events (--tensorboard), else a no-op
         self.train_model: Optional[nn.Module] = None  # set once the layout and compile are known
         self.speed_auto: Optional[dict[str, Any]] = None
+        self.saved_at = time.monotonic()  # checkpoint_every_minutes counts from here and from each save
         if "auto" not in (cfg.speed.layout, cfg.speed.compile):
             self.use_speed(cfg.speed.layout, cfg.speed.compile is True)
 
@@ -118,6 +119,7 @@ class Trainer:
         distributed.barrier()
         if self.ema:
             self.save_best("last-ema", self.ema.module.state_dict())
+        self.saved_at = time.monotonic()
 
     def save_best(self, name: str = "best", weights: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Weights only (the model's, or `weights`: the EMA's) as checkpoints/NAME.safetensors."""
@@ -250,12 +252,23 @@ class Trainer:
             if p.step % 20 == 0 or p.step == len(self.loader):
                 guards.check_finite(bad_step, epoch, self.out, self.dist)
                 bar.set_postfix({k: f"{float(v) / p.step:.3f}" for k, v in sums.items()})
-            if cfg.checkpoint_every_steps and p.step % cfg.checkpoint_every_steps == 0 and p.step < len(self.loader):
+            if p.step < len(self.loader) and self._mid_epoch_save_due():  # the epoch's end saves anyway
                 guards.check_finite(bad_step, epoch, self.out, self.dist)
                 self.save()
         bar.close()
         guards.check_finite(bad_step, epoch, self.out, self.dist)
         return {k: float(v) / max(p.step, 1) for k, v in distributed.rank_mean(sums).items()}
+
+    def _mid_epoch_save_due(self) -> bool:
+        """Every checkpoint_every_steps batches, and once checkpoint_every_minutes have passed since the last save:
+        rank 0's clock decides for every rank, so all save together."""
+        cfg = self.cfg
+        if cfg.checkpoint_every_steps and self.progress.step % cfg.checkpoint_every_steps == 0:
+            return True
+        if not cfg.checkpoint_every_minutes:
+            return False
+        waited = distributed.from_main({"s": time.monotonic() - self.saved_at}, self.device)["s"]
+        return waited >= 60 * cfg.checkpoint_every_minutes
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step of the method on a batch, then the lr schedule's step and the EMA's update.

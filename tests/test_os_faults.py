@@ -138,3 +138,23 @@ def test_main_maps_an_os_error_that_escapes_a_command(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"iat: error: /full/disk/run: {OS_ERRORS[errno.ENOSPC][0]} (No space left on device); " \
                   f"{OS_ERRORS[errno.ENOSPC][1]}"
+
+
+@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+                                 {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1",
+                                  "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost"}],
+                         ids=["torchrun", "srun"])
+def test_an_error_every_rank_meets_is_printed_by_rank_0_alone(env, monkeypatch, capsys):
+    """Under torchrun or srun every rank reads the same bad config: one line from rank 0, none from the others,
+    and every rank exits with status 2."""
+    bad = ["train", *FAST, "--epochs", "0", "--out", "unused"]
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(bad) == 2
+    assert capsys.readouterr().err == ""
+    rank0 = {k: "0" for k in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID") if k in env}
+    for key, value in rank0.items():
+        monkeypatch.setenv(key, value)
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "epochs" in err[0]

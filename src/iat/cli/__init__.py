@@ -53,13 +53,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as err:
         if args.debug:
             raise
-        print(f"iat: error: {err}", file=sys.stderr)
+        if _launch_rank() == 0:  # under torchrun or srun every rank meets the same bad input: rank 0 says it
+            print(f"iat: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         if args.debug:
             raise
         message, status = os_error_line(err)  # the path and what to do, status 2; an I/O fault: status 1
-        print(f"iat: error: {message}", file=sys.stderr)
+        rank = _launch_rank()
+        if rank == 0 or status == 1:  # a device fault may be one rank's own: each rank names itself
+            print(f"iat: error: {message}" if rank == 0 else f"iat: error (rank {rank}): {message}", file=sys.stderr)
         return status
     except KeyboardInterrupt:
         print(f"iat: interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
@@ -67,6 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _launch_rank() -> int:
+    from ..runtime.distributed import launch_rank  # torch: imported only when an error is printed
+
+    return launch_rank()
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -12,6 +12,10 @@ The table (table.md/.csv/.json, curves.png) gives each cell's mean and spread ov
 the last checkpoint, wall time per epoch, catastrophic-overfitting flags, and each claim's paired
 comparison, all read from the run directories; `--results-md FILE` also pastes it into FILE between
 markers, so documentation never holds a number typed by hand.
+
+With `--executor slurm` every cell is a SLURM job of its own instead (reproduce/slurm.py): the command submits
+them and returns; run it again to see each cell's state and to submit what is left (the late phase included),
+or pass --wait.
 """
 from __future__ import annotations
 
@@ -25,11 +29,16 @@ from ..config import setting
 from ..errors import UsageError
 from ..extras import require_matplotlib
 from ..training.run_dir import check_writable, run_lock
-from ..values import parse_int
-from .plan import print_plan
+from ..values import check_range, parse_int
+from .plan import print_plan, slurm_plan
 from .render_table import write_table
 from .runner import run_table
-from .spec import builtin_tables, load_spec
+from .slurm import MAX_TIMEOUTS, Resources, live_jobs, parse_extra, run_slurm
+from .spec import TableSpec, builtin_tables, load_spec
+
+EXECUTORS = ("local", "slurm")
+SLURM_ONLY = ("wait", "partition", "gpus_per_cell", "cpus_per_cell", "mem_gb", "time_min", "account", "sbatch_extra",
+              "checkpoint_minutes", "images_per_second")  # flags of --executor slurm alone
 
 
 @dataclasses.dataclass
@@ -52,6 +61,31 @@ class ReproduceConfig:
     results_md: Optional[str] = setting(None, "also paste the table into this file between its markers (plot "
                                         "beside it in results/)")
     plots: bool = setting(True, "draw curves.png (needs matplotlib)")
+    executor: str = setting("local", "where the cells run: local (subprocesses here) or slurm (one SLURM job per "
+                            "cell, submitted with submitit; run the command again to see their states)",
+                            choices=EXECUTORS)
+    wait: bool = setting(False, "slurm: wait until the jobs end (polling squeue), submit the late phase, wait again, "
+                         "then write the table")
+    partition: Optional[str] = setting(None, "slurm: the partition of the cells' jobs (default: the cluster's)")
+    gpus_per_cell: Optional[int] = setting(None, "slurm: GPUs of each cell's job (default 1, or 0 when every cell "
+                                           "trains on device cpu); its `iat train` is one process, on one GPU",
+                                           bounds="[0, 1024]")
+    cpus_per_cell: int = setting(4, "slurm: CPUs of each cell's job, also its torch threads unless --threads",
+                                 bounds="[1, 4096]")
+    mem_gb: Optional[float] = setting(None, "slurm: memory of each cell's job in GB (default: the cluster's)",
+                                      bounds="(0, inf)")
+    time_min: int = setting(720, "slurm: time limit of each job in minutes; a job warned of it is requeued (up to "
+                            f"{MAX_TIMEOUTS} times) and resumes from its last checkpoint", bounds="[1, 1e7]")
+    account: Optional[str] = setting(None, "slurm: the account the jobs are charged to (default: yours)")
+    sbatch_extra: Optional[str] = setting(None, "slurm: more sbatch parameters, KEY=VALUE,... (e.g. qos=high,"
+                                          "constraint=a100; a KEY alone is a flag)")
+    checkpoint_minutes: float = setting(5.0, "slurm: a cell's training also saves its state every N minutes "
+                                        "(iat train --checkpoint-every-minutes), so a preempted job loses at most "
+                                        "that; 0: only at the end of each epoch", bounds="[0, 1e6]")
+    images_per_second: Optional[float] = setting(None, "slurm --dry-run: training images per second of one "
+                                                 "cell's job, for the GPU-hours estimate (default: --estimate's "
+                                                 "timing on this machine)", bounds="(0, inf)")
+
 
 
 def list_tables() -> None:
@@ -79,6 +113,7 @@ def reproduce(cfg: ReproduceConfig) -> int:
     if cfg.list or not cfg.table:
         list_tables()
         return 0
+    check_executor(cfg)
     spec = load_spec(cfg.table)
     if cfg.seeds:
         spec.seeds = parse_seeds(cfg.seeds)
@@ -94,6 +129,8 @@ def reproduce(cfg: ReproduceConfig) -> int:
         raise UsageError(f"--jobs {jobs} is more than the {len(gpus)} GPUs of --gpus; each cell needs its own GPU")
     if cfg.plots:
         require_matplotlib()
+    if cfg.executor == "slurm" and not cfg.table_only:
+        return _reproduce_slurm(cfg, spec, out)
     if cfg.dry_run:
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
         print("\n".join(print_plan(spec, out, jobs, threads, cfg.estimate)), file=sys.stderr)
@@ -102,8 +139,54 @@ def reproduce(cfg: ReproduceConfig) -> int:
         if cfg.dry_run:
             return 0
     else:  # one runner per table folder; its `iat train` / `iat eval` children lock their own cells' files
+        live = live_jobs(out)
+        if live:
+            raise UsageError(f"{len(live)} SLURM job(s) of this table are queued or running ({', '.join(live)}; "
+                             "--executor slurm shows them): let them end, or scancel them, before running it here")
         with run_lock(out):
             failures = run_table(spec, out, jobs, cfg.threads, False, gpus)
+    return _write(cfg, spec, out, failures)
+
+
+def check_executor(cfg: ReproduceConfig) -> None:
+    """--executor and the flags that belong to one of them."""
+    if cfg.executor not in EXECUTORS:
+        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}, got {cfg.executor!r}")
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("bounds"):
+            check_range(getattr(cfg, f.name), f.metadata["bounds"], "--" + f.name.replace("_", "-"))
+    defaults = ReproduceConfig()
+    slurm_only = [f for f in SLURM_ONLY if getattr(cfg, f) != getattr(defaults, f)]
+    if cfg.executor == "local" and slurm_only:
+        raise UsageError(f"--{slurm_only[0].replace('_', '-')} is for --executor slurm")
+    if cfg.executor == "slurm" and (cfg.jobs is not None or cfg.gpus):
+        raise UsageError("--jobs and --gpus are for --executor local; with slurm every cell is a job of its own "
+                         "(its GPUs: --gpus-per-cell)")
+
+
+def slurm_resources(cfg: ReproduceConfig, spec: TableSpec) -> Resources:
+    """What each cell's job asks for, from the flags (no GPU by default when every cell trains on the CPU)."""
+    on_cpu = all(spec.train_config(c, spec.seeds[0]).device == "cpu" for c in spec.cells)
+    gpus = cfg.gpus_per_cell if cfg.gpus_per_cell is not None else 0 if on_cpu else 1
+    return Resources(cfg.partition, gpus, cfg.cpus_per_cell, cfg.mem_gb, cfg.time_min, cfg.account,
+                     parse_extra(cfg.sbatch_extra))
+
+
+def _reproduce_slurm(cfg: ReproduceConfig, spec: TableSpec, out: Path) -> int:
+    """--executor slurm: the plan (--dry-run), or one round of submissions (with --wait: until every job ended)."""
+    res, out = slurm_resources(cfg, spec), out.resolve()  # the folder as the jobs see it
+    threads = cfg.threads or res.cpus
+    if cfg.dry_run:
+        lines = print_plan(spec, out, 1, threads, False)
+        lines += slurm_plan(spec, out, res, cfg.checkpoint_minutes, cfg.images_per_second, cfg.estimate, threads)
+        print("\n".join(lines), file=sys.stderr)
+        return 0
+    failures, finished = run_slurm(spec, out, res, threads, cfg.checkpoint_minutes, cfg.wait)
+    return _write(cfg, spec, out, failures) if finished else 0
+
+
+def _write(cfg: ReproduceConfig, spec: TableSpec, out: Path, failures: list[str]) -> int:
+    """Write the table, print its claims and the failures; 1 if a cell failed."""
     command = f"iat reproduce {cfg.table}" + (f" --seeds {cfg.seeds}" if cfg.seeds else "")
     table = write_table(spec, out, Path(cfg.results_md) if cfg.results_md else None, command, cfg.plots)
     print(f"iat reproduce {spec.name}: table in {out / 'table.md'}"

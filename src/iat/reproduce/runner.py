@@ -167,6 +167,11 @@ class Children:
                 proc.terminate()
 
 
+def step_log(out: Path, ident: str, step: Step) -> Path:
+    """Where a cell's step logs: OUT/logs/<cell>-seed<k>-<step>.log."""
+    return out / "logs" / f"{ident.replace('/', '-')}-{step.log}.log"
+
+
 def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int, children: Children,
               gpus: Optional[queue.Queue] = None) -> tuple[str, float, str]:
     """Run a cell's steps, each logged to OUT/logs; returns (cell id, seconds, error or '').
@@ -180,7 +185,7 @@ def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
         for step in steps:
             if step.done and eval_done(run, *step.done):
                 continue  # the best checkpoint is the last one, whose eval was just copied
-            log = out / "logs" / f"{ident.replace('/', '-')}-{step.log}.log"
+            log = step_log(out, ident, step)
             with log.open("a") as f:
                 f.write(f"$ iat {shlex.join(step.argv)}\n")
                 f.flush()
@@ -295,7 +300,12 @@ def run_table(spec: TableSpec, out: Path, jobs: int = 1, threads: Optional[int] 
         (out / "logs").mkdir(exist_ok=True)
         for ident, _run, cfg, state, _ in plan:
             if state == "new":
-                atomic_write_text(out / "configs" / f"{ident.replace('/', '-')}.json",
-                                  json.dumps(C.to_dict(cfg), indent=1))
+                write_cell_config(out, ident, cfg)
         failures += _execute(plan, out, phase, jobs, threads, gpus)
     return failures
+
+
+def write_cell_config(out: Path, ident: str, cfg: C.TrainConfig) -> None:
+    """The config file a new cell's `iat train --config` reads: OUT/configs/<cell>-seed<k>.json."""
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "configs" / f"{ident.replace('/', '-')}.json", json.dumps(C.to_dict(cfg), indent=1))

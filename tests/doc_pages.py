@@ -15,6 +15,9 @@ PAGES = ("README.md", "docs/gpu.md", "docs/cli.md", "docs/evaluation.md", "docs/
 # Pages under docs/ whose blocks are not run, and why (every other page with a python block or an iat command
 # must be in PAGES).
 NOT_RUN_PAGES = {
+    "docs/cluster.md": "needs a SLURM cluster: tests/test_reproduce_slurm.py runs `--executor slurm` (dry run, "
+                       "submit, rerun, --wait) and tests/test_slurm_srun.py the sbatch script and srun, on the "
+                       "one-node SLURM that .ci/run starts",
     "docs/results.md": "generated tables; its bash block lists the paper-scale GPU tables, whose plan "
                        "(`--dry-run`) docs/reproduce.md's `iat reproduce paper-cifar10-resnet18` already runs",
 }

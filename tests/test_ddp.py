@@ -128,3 +128,26 @@ def test_sharded_random_starts_are_slices_of_the_global_batch(norm):
         with noise_of_global_batch(rank, 2):
             parts.append(attack.init_delta(x[4 * rank:4 * rank + 4], torch.Generator().manual_seed(1)))
     assert torch.equal(torch.cat(parts), whole)
+
+
+
+def test_a_rank_that_starts_after_rank_0_took_the_run_folder_follows_it(tmp_path, monkeypatch):
+    """Ranks may start seconds apart (nodes of a multi-node job, a DDP cell's task waiting for task 0's plan):
+    a rank > 0 that finds the folder locked by rank 0 and holding its new run's config.json follows rank 0 into
+    training, instead of refusing the folder as in use or "started meanwhile by another process" (which left
+    rank 0 waiting for a peer that had exited 2). tests/test_reproduce_slurm.py runs such a start for real."""
+    from iat.training import run_dir
+
+    out = tmp_path / "run"
+    followed = []
+    monkeypatch.setattr(run_dir, "_train_other_rank", lambda cfg, o, saved: followed.append(o) or {"ok": 1},
+                        raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with run_dir.run_lock(out):  # rank 0, which has written its config.json
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        assert run_dir.train(make_cfg("pgd-at"), out) == {"ok": 1} and followed == [out]
+    monkeypatch.setenv("RANK", "0")  # rank 0 itself still refuses a folder that holds a run
+    with pytest.raises(Exception, match="already holds a run"):
+        run_dir.train(make_cfg("pgd-at"), out)

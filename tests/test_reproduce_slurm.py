@@ -101,17 +101,72 @@ def test_resources_are_what_submitit_writes_as_sbatch_lines(tmp_path):
 
     res = slurm.Resources(partition="gpu", gpus=2, cpus=8, mem_gb=32, time_min=90, account="lab",
                           extra=slurm.parse_extra("qos=high, constraint=a100,exclusive"))
-    params = res.parameters("iat-t-a-seed0")
-    assert params == {"job_name": "iat-t-a-seed0", "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 8, "time": 90,
+    params = res.parameters("iat-t-a-seed0")  # 2 GPUs: a DDP cell of 2 processes with 4 CPUs each
+    assert params == {"job_name": "iat-t-a-seed0", "nodes": 1, "ntasks_per_node": 2, "cpus_per_task": 4, "time": 90,
                       "gpus_per_node": 2, "partition": "gpu", "account": "lab", "mem": "32768MB",
+                      "srun_args": ["--kill-on-bad-exit=1"],
                       "additional_parameters": {"requeue": True, "qos": "high", "constraint": "a100",
                                                 "exclusive": True}}
     text = _make_sbatch_string(command="true", folder=tmp_path, **params)
     flags = res.sbatch_flags("iat-t-a-seed0")
     assert "--gpus-per-node=2" in flags and "--requeue" in flags and "--signal=USR2@90" in flags
     assert all(f"#SBATCH {flag}" in text.splitlines() for flag in flags), text
+    assert "srun --unbuffered" in text and "--kill-on-bad-exit=1" in text  # one failed task ends every task
     cpu = slurm.Resources(gpus=0, cpus=1).parameters("x")  # no GPU asked for, nor an empty partition
     assert "gpus_per_node" not in cpu and "partition" not in cpu and "mem" not in cpu and "account" not in cpu
+    assert cpu["ntasks_per_node"] == 1 and "srun_args" not in cpu
+
+
+@pytest.mark.parametrize("nodes, gpus, tasks, cpus, world, threads", [
+    (1, 1, None, 4, 1, 4), (1, 4, None, 16, 4, 4), (2, 4, None, 16, 8, 4), (2, 0, None, 8, 2, 8),
+    (1, 0, 2, 2, 2, 1), (3, 2, 1, 6, 3, 6)])
+def test_a_cells_processes_are_one_per_gpu_on_every_node(nodes, gpus, tasks, cpus, world, threads):
+    res = slurm.Resources(gpus=gpus, cpus=cpus, nodes=nodes, tasks_per_node=tasks)
+    res.check()
+    p = res.parameters("x")
+    assert (res.world, res.threads, p["nodes"], p["ntasks_per_node"] * p["nodes"]) == (world, threads, nodes, world)
+    assert ("srun_args" in p) == (world > 1)
+    late = res.single()  # the late phase (evaluations) is one process on one node, with at most one GPU
+    assert (late.world, late.gpus, late.cpus) == (1, min(gpus, 1), cpus)
+
+
+def test_a_ddp_jobs_other_tasks_run_the_training_task_0_planned(tmp_path, monkeypatch, env):
+    """Task 0 plans (and writes the cell config); task 1 runs only the training steps it published, logged apart,
+    from this start's plan file, never a previous start's."""
+    spec = specs.load_spec(str(write_spec(tmp_path, spec_text(TWO_CELLS, EVALS))))
+    out = tmp_path / "out"
+    (out / "slurm").mkdir(parents=True)
+    ran: list[tuple[int, list[str]]] = []
+
+    def fake_run_cell(out_, ident, run, steps, threads, children, gpus=None):
+        ran.append((int(os.environ["SLURM_PROCID"]), [s.log for s in steps]))
+        return ident, 0.0, ""
+
+    monkeypatch.setattr(slurm, "_run_cell", fake_run_cell)
+    monkeypatch.setattr(slurm, "PLAN_WAIT_SECONDS", 0.5)
+    job = slurm.CellJob(spec, str(out), "iat", 0, False, 1, 5.0)
+    base = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_RESTART_COUNT": "1"}
+    monkeypatch.setattr(os, "environ", {**os.environ, **base, "SLURM_PROCID": "1"})
+    with pytest.raises(slurm.CellFailed, match="task 0 published no plan"):
+        job()  # task 0 has not planned this start yet
+    (out / "slurm" / "77_0_plan.json").write_text('{"train": [["train", "--old"]]}')  # the previous start's
+    with pytest.raises(slurm.CellFailed, match="published no plan"):
+        job()
+    monkeypatch.setattr(os, "environ", {**os.environ, **base, "SLURM_PROCID": "0"})
+    job()
+    plan = json.loads((out / "slurm" / "77_1_plan.json").read_text())
+    assert plan["train"][0][:2] == ["train", "--config"] and plan["train"][0][-1] == "5"
+    assert (out / "configs" / "iat-seed0.json").is_file()
+    monkeypatch.setattr(os, "environ", {**os.environ, **base, "SLURM_PROCID": "1"})
+    job()
+    assert ran == [(0, ["train", "eval-last", "eval-best"]), (1, ["train-task1"])]
+
+
+@pytest.mark.parametrize("gpus, tasks, cpus, says", [
+    (2, 4, 8, "each training process needs a GPU of its own"), (4, None, 2, "give each at least one CPU")])
+def test_resources_no_sbatch_could_run_as_meant_are_refused(gpus, tasks, cpus, says):
+    with pytest.raises(UsageError, match=says):
+        slurm.Resources(gpus=gpus, cpus=cpus, tasks_per_node=tasks).check()
 
 
 @pytest.mark.parametrize("text", ["=high", "qos=", "qos high=1", "qos=high,,nodes=1", ","])
@@ -305,11 +360,15 @@ def test_the_dry_run_prints_each_cells_job_the_jobs_and_the_gpu_hours(tmp_path, 
     assert main([*argv, "--partition", "gpu", "--gpus-per-cell", "2", "--sbatch-extra", "qos=high",
                  "--images-per-second", "1"]) == 0
     err = capsys.readouterr().err
-    assert ("  pgd-at/seed0: sbatch --job-name=iat-t-pgd-at-seed0 --nodes=1 --ntasks-per-node=1 --cpus-per-task=4 "
+    assert ("  pgd-at/seed0: sbatch --job-name=iat-t-pgd-at-seed0 --nodes=1 --ntasks-per-node=2 --cpus-per-task=2 "
             "--time=720 --gpus-per-node=2 --partition=gpu --signal=USR2@90 --requeue --qos=high\n") in err
     assert f"    iat train --config {out}/configs/iat-seed0.json --out {out}/iat/seed0 --no-progress " \
            "--checkpoint-every-minutes 5\n" in err
-    assert f"    its late-phase job:\n    iat eval {out}/iat/seed0 --checkpoint last --attacks natural,cw" in err
+    assert "    (DDP: each of the job's 2 tasks runs the training, its rank from SLURM; the evaluations run on task 0)" \
+           in err
+    assert ("its late-phase job (one process: --nodes=1 --ntasks-per-node=1 --cpus-per-task=4 --time=720 "
+            "--gpus-per-node=1 --partition=gpu --signal=USR2@90 --requeue --qos=high):") in err
+    assert f"--requeue --qos=high):\n    iat eval {out}/iat/seed0 --checkpoint last --attacks natural,cw" in err
     assert "jobs: 2 now, 2 of the late phase (AutoAttack) later; those are not dependent jobs" in err
     # 512 synthetic training images less 64 held out, 2 epochs, at 1 image/s: 896 s = 0.25 h per cell, 2 GPUs
     assert "  iat: 448 images x 2 epochs x 1 seed(s) at 1 images/s = 0.25 h\n" in err
@@ -486,3 +545,62 @@ def test_a_job_warned_of_its_time_limit_checkpoints_itself_and_requeues(tmp_path
     check_resumed(cluster, capsys, spec, out, job, uninterrupted)
     submitit_log = (out / "slurm" / f"{job}_0_log.out").read_text()
     assert "Calling checkpoint method" in submitit_log and f"Requeued job {job}" in submitit_log
+
+
+@pytest.mark.slurm
+def test_a_cell_of_two_processes_trains_ddp_as_torchrun_does_and_evaluates_once(tmp_path, cluster, capsys):
+    """--tasks-per-node 2 (on the CPU, gloo): the cell's job starts its training as a 2-task srun step, whose
+    weights are a 2-process torchrun run's of the same cell config; its evaluation runs once, in the job itself."""
+    spec = write_spec(tmp_path, spec_text('\n[[cells]]\nname = "pgd-at"\n', NATURAL, epochs=2, batch=32, steps=2,
+                                          top='checkpoints = ["last"]'))
+    out = tmp_path / "slurm"
+    assert cluster(spec, out, "--wait", "--tasks-per-node", "2", "--cpus-per-cell", "2") == 0
+    err = capsys.readouterr().err
+    assert "  pgd-at/seed0: done" in err and "table in" in err
+    log = (out / "logs" / "pgd-at-seed0-train.log").read_text()
+    other = (out / "logs" / "pgd-at-seed0-train-task1.log").read_text()
+    assert log.count('{"run"') == 1 and '{"run"' not in other, (log, other)  # rank 0 alone prints the summary
+    assert log.splitlines()[0] == other.splitlines()[0].replace("train-task1", "train")  # one command
+    assert not (out / "logs" / "pgd-at-seed0-eval-last-task1.log").exists()
+    evals = (out / "logs" / "pgd-at-seed0-eval-last.log").read_text()
+    assert evals.startswith("$ iat eval ") and evals.count("natural") >= 1
+    config = out / "configs" / "pgd-at-seed0.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "iat"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run([*torchrun, "train", "--config", str(config), "--out", str(tmp_path / "torchrun"),
+                           "--no-progress"], env={**env, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = weights(out / "pgd-at" / "seed0"), weights(tmp_path / "torchrun")
+    assert a.keys() == b.keys()
+    for key in a:  # the tolerance of tests/test_ddp.py
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_a_slurm_config_file_sets_the_resources_and_typed_flags_win(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    spec = write_spec(tmp_path, spec_text(TWO_CELLS, NATURAL))
+    res = tmp_path / "cluster.toml"
+    res.write_text('partition = "gpu"\ngpus_per_cell = 4\nnodes_per_cell = 2\ncpus_per_cell = 32\n'
+                   'time_min = 240\nsbatch_extra = { qos = "high", exclusive = true }\n')
+    argv = ["reproduce", str(spec), "--out", str(tmp_path / "out"), "--no-plots", "--dry-run", "--executor", "slurm",
+            "--slurm-config", str(res), "--images-per-second", "1"]
+    assert main([*argv, "--time-min", "60"]) == 0
+    err = capsys.readouterr().err
+    assert ("sbatch --job-name=iat-t-pgd-at-seed0 --nodes=2 --ntasks-per-node=4 --cpus-per-task=8 --time=60 "
+            "--gpus-per-node=4 --partition=gpu --signal=USR2@90 --requeue --qos=high --exclusive\n") in err
+    assert "(DDP: each of the job's 8 tasks runs the training" in err
+    assert "at 8 GPU(s) per job" in err
+    res.write_text('partition = "gpu"\nepochs = 3\n')
+    assert main(argv) == 2
+    assert "unknown key 'epochs'" in capsys.readouterr().err
+    res.write_text('gpus_per_cell = 2\ntasks_per_node = 3\n')
+    assert main(argv) == 2
+    assert "needs a GPU of its own" in capsys.readouterr().err
+    assert main([a for a in argv if a != "slurm" and a != "--executor"]) == 2
+    assert "--slurm-config is for --executor slurm" in capsys.readouterr().err
+    example = Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "a100.toml"  # docs/cluster.md's file
+    argv[argv.index(str(res))] = str(example)
+    assert main(argv) == 0
+    assert ("--nodes=1 --ntasks-per-node=1 --cpus-per-task=8 --time=720 --gpus-per-node=1 --partition=gpu "
+            "--mem=65536MB --signal=USR2@90 --requeue --constraint=a100\n") in capsys.readouterr().err

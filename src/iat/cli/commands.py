@@ -183,13 +183,22 @@ def reproduce_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("reproduce", help="train and evaluate every cell of an experiment table, then write the table")
     DESTS["reproduce"] = add_flags(p, ReproduceConfig, positional=("table",))
+    p.add_argument("--slurm-config", default=None, metavar="FILE",
+                   help="slurm: a TOML or JSON file of the cells' job resources, keys as the flags (partition, "
+                        "gpus_per_cell, nodes_per_cell, ...); flags typed win (default: none)")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`iat reproduce`: advance every cell of a table, then write the table."""
-    from ..reproduce import ReproduceConfig, reproduce
+    from ..reproduce import ReproduceConfig, read_slurm_config, reproduce
 
-    return reproduce(build(ReproduceConfig, args, DESTS["reproduce"]))
+    base = ReproduceConfig()
+    if args.slurm_config:
+        base = read_slurm_config(args.slurm_config, base)
+    cfg = build(ReproduceConfig, args, DESTS["reproduce"], base=base)
+    if args.slurm_config and cfg.executor != "slurm":
+        raise UsageError("--slurm-config is for --executor slurm")
+    return reproduce(cfg)
 
 
 def list_parser(sub: argparse._SubParsersAction) -> None:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config import setting
+from ..config import read_config_file, setting, update
 from ..errors import UsageError
 from ..extras import require_matplotlib
 from ..training.run_dir import check_writable, run_lock
@@ -37,8 +37,9 @@ from .slurm import MAX_TIMEOUTS, Resources, live_jobs, parse_extra, run_slurm
 from .spec import TableSpec, builtin_tables, load_spec
 
 EXECUTORS = ("local", "slurm")
-SLURM_ONLY = ("wait", "partition", "gpus_per_cell", "cpus_per_cell", "mem_gb", "time_min", "account", "sbatch_extra",
-              "checkpoint_minutes", "images_per_second")  # flags of --executor slurm alone
+RESOURCES = ("partition", "gpus_per_cell", "nodes_per_cell", "tasks_per_node", "cpus_per_cell", "mem_gb", "time_min",
+             "account", "sbatch_extra", "checkpoint_minutes")  # what a --slurm-config file may set
+SLURM_ONLY = ("wait", *RESOURCES, "images_per_second")  # flags of --executor slurm alone
 
 
 @dataclasses.dataclass
@@ -67,13 +68,17 @@ class ReproduceConfig:
     wait: bool = setting(False, "slurm: wait until the jobs end (polling squeue), submit the late phase, wait again, "
                          "then write the table")
     partition: Optional[str] = setting(None, "slurm: the partition of the cells' jobs (default: the cluster's)")
-    gpus_per_cell: Optional[int] = setting(None, "slurm: GPUs of each cell's job (default 1, or 0 when every cell "
-                                           "trains on device cpu); its `iat train` is one process, on one GPU",
-                                           bounds="[0, 1024]")
-    cpus_per_cell: int = setting(4, "slurm: CPUs of each cell's job, also its torch threads unless --threads",
-                                 bounds="[1, 4096]")
-    mem_gb: Optional[float] = setting(None, "slurm: memory of each cell's job in GB (default: the cluster's)",
-                                      bounds="(0, inf)")
+    gpus_per_cell: Optional[int] = setting(None, "slurm: GPUs on each node of a cell's job (default 1, or 0 when "
+                                           "every cell trains on device cpu); more than one: its training is DDP, "
+                                           "one process per GPU, started by srun", bounds="[0, 1024]")
+    nodes_per_cell: int = setting(1, "slurm: nodes of each cell's job; more than one: its training is DDP across "
+                                  "them (evaluations run on the first node)", bounds="[1, 4096]")
+    tasks_per_node: Optional[int] = setting(None, "slurm: training processes on each node of a cell's job (default: "
+                                            "one per GPU, or 1); more than one in all: DDP", bounds="[1, 1024]")
+    cpus_per_cell: int = setting(4, "slurm: CPUs on each node of a cell's job, shared by its training processes "
+                                 "(their torch threads unless --threads)", bounds="[1, 4096]")
+    mem_gb: Optional[float] = setting(None, "slurm: memory on each node of a cell's job in GB (default: the "
+                                      "cluster's)", bounds="(0, inf)")
     time_min: int = setting(720, "slurm: time limit of each job in minutes; a job warned of it is requeued (up to "
                             f"{MAX_TIMEOUTS} times) and resumes from its last checkpoint", bounds="[1, 1e7]")
     account: Optional[str] = setting(None, "slurm: the account the jobs are charged to (default: yours)")
@@ -168,14 +173,30 @@ def slurm_resources(cfg: ReproduceConfig, spec: TableSpec) -> Resources:
     """What each cell's job asks for, from the flags (no GPU by default when every cell trains on the CPU)."""
     on_cpu = all(spec.train_config(c, spec.seeds[0]).device == "cpu" for c in spec.cells)
     gpus = cfg.gpus_per_cell if cfg.gpus_per_cell is not None else 0 if on_cpu else 1
-    return Resources(cfg.partition, gpus, cfg.cpus_per_cell, cfg.mem_gb, cfg.time_min, cfg.account,
-                     parse_extra(cfg.sbatch_extra))
+    res = Resources(cfg.partition, gpus, cfg.cpus_per_cell, cfg.mem_gb, cfg.time_min, cfg.account,
+                    parse_extra(cfg.sbatch_extra), cfg.nodes_per_cell, cfg.tasks_per_node)
+    res.check()
+    return res
+
+
+def read_slurm_config(path: str, cfg: ReproduceConfig) -> ReproduceConfig:
+    """--slurm-config FILE: the resources of the cells' jobs from a TOML or JSON file whose keys are the flags'
+    (partition = "gpu", gpus_per_cell = 4, sbatch_extra = {qos = "high"}, ...); the flags typed still win, as
+    they are applied after it."""
+    values = read_config_file(path)
+    for key in values:
+        if key not in RESOURCES:
+            raise UsageError(f"--slurm-config {path}: unknown key {key!r}; it may set {', '.join(RESOURCES)}")
+    extra = values.get("sbatch_extra")
+    if isinstance(extra, dict):  # a table of sbatch parameters, a value true for a flag alone
+        values["sbatch_extra"] = ",".join(k if v is True else f"{k}={v}" for k, v in extra.items())
+    return update(cfg, values)
 
 
 def _reproduce_slurm(cfg: ReproduceConfig, spec: TableSpec, out: Path) -> int:
     """--executor slurm: the plan (--dry-run), or one round of submissions (with --wait: until every job ended)."""
     res, out = slurm_resources(cfg, spec), out.resolve()  # the folder as the jobs see it
-    threads = cfg.threads or res.cpus
+    threads = cfg.threads or res.threads
     if cfg.dry_run:
         lines = print_plan(spec, out, 1, threads, False)
         lines += slurm_plan(spec, out, res, cfg.checkpoint_minutes, cfg.images_per_second, cfg.estimate, threads)

@@ -4,7 +4,6 @@ each cell's own training step on this machine; with `--executor slurm`, each cel
 commands), the number of jobs and the GPU-hours."""
 from __future__ import annotations
 
-import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -110,10 +109,14 @@ def slurm_plan(spec: TableSpec, out: Path, res: Resources, minutes: float, image
                 lines.append(f"  {ident}: done")
                 continue
             lines.append(f"  {ident}: sbatch {' '.join(res.sbatch_flags(job_name(spec, ident)))}")
-            lines += [f"    iat {shlex.join(s.argv)}" for s in with_checkpoints(early.get(ident, []), minutes)]
+            lines += [f"    {s.command()}" for s in with_checkpoints(early.get(ident, []), minutes)]
+            if res.world > 1 and ident in early:
+                lines.append(f"    (DDP: each of the job's {res.world} tasks runs the training, its rank from SLURM; "
+                             "the evaluations run on task 0)")
             if late:
                 n_late += 1
-                lines += ["    its late-phase job:", *(f"    iat {shlex.join(s.argv)}" for s in late)]
+                single = "" if res.world == 1 else f" (one process: {' '.join(res.single().sbatch_flags('')[1:])})"
+                lines += [f"    its late-phase job{single}:", *(f"    {s.command()}" for s in late)]
     lines.append(f"jobs: {len(early)} now, {n_late} of the late phase (AutoAttack) later; those are not dependent "
                  "jobs: the first run of this command after every cell has trained submits them")
     return lines + gpu_hours(spec, out, res, images_per_second, estimate, threads)
@@ -127,7 +130,8 @@ def gpu_hours(spec: TableSpec, out: Path, res: Resources, images_per_second: Opt
         return ["GPU-hours: unknown (give --images-per-second N, or leave --estimate on to time a few steps here)"]
     source = ("--images-per-second" if images_per_second else
               f"timed on this machine, {TIMED_STEPS} steps per cell with {threads} thread(s), not on the cluster's")
-    lines, total = [f"GPU-hours of the training still to run at {res.gpus} GPU(s) per job (images/s {source}):"], 0.0
+    gpus = res.gpus * res.nodes
+    lines, total = [f"GPU-hours of the training still to run at {gpus} GPU(s) per job (images/s {source}):"], 0.0
     for cell in spec.cells:
         todo = [s for s in spec.seeds if train_state(run_dir(out, cell, s), spec.train_config(cell, s)) != "done"]
         if not todo:
@@ -141,7 +145,7 @@ def gpu_hours(spec: TableSpec, out: Path, res: Resources, images_per_second: Opt
         total += hours
         lines.append(f"  {cell.name}: {images} images x {cfg.optim.epochs} epochs x {len(todo)} seed(s) at "
                      f"{rate:.0f} images/s = {hours:.2f} h")
-    lines.append(f"  in all: {total:.2f} h of jobs = {total * res.gpus:.2f} GPU-hours (validation and evaluations "
+    lines.append(f"  in all: {total:.2f} h of jobs = {total * gpus:.2f} GPU-hours (validation and evaluations "
                  "come on top; AutoAttack costs the most)")
     return lines
 

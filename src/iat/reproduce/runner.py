@@ -92,6 +92,10 @@ class Step:
     copy_to: Optional[Path] = None  # also save the eval as this (the best checkpoint is the last one)
     done: Optional[tuple[str, EvalGroup]] = None  # (checkpoint, group): skip the step if that eval exists by then
 
+    def command(self) -> str:
+        """The step as a shell line."""
+        return f"iat {shlex.join(self.argv)}"
+
 
 def plan_steps(spec: TableSpec, out: Path, cell: Cell, seed: int, state: str, late: bool,
                notes: bool = True) -> list[Step]:
@@ -187,7 +191,7 @@ def _run_cell(out: Path, ident: str, run: Path, steps: list[Step], threads: int,
                 continue  # the best checkpoint is the last one, whose eval was just copied
             log = step_log(out, ident, step)
             with log.open("a") as f:
-                f.write(f"$ iat {shlex.join(step.argv)}\n")
+                f.write(f"$ {step.command()}\n")
                 f.flush()
                 code = children.run(step.argv, f, env)
             if code != 0:

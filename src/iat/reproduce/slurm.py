@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import pickle
 import re
 import shutil
@@ -53,12 +54,14 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"
          "DEADLINE")  # anything else squeue shows (PENDING, CONFIGURING, REQUEUED, held, suspended) is queued
 POLL_SECONDS = 15.0  # --wait's squeue interval
 LEDGER_VERSION = 1
+PLAN_WAIT_SECONDS = 600.0  # how long a DDP job's tasks > 0 wait for task 0's plan
 MAX_TIMEOUTS = 10  # time limits a job may reach and be requeued by submitit (preemptions are not counted)
 
 
 @dataclasses.dataclass
 class Resources:
-    """What each cell's job asks SLURM for (--partition, --gpus-per-cell, ..., --sbatch-extra)."""
+    """What each cell's job asks SLURM for (--partition, --gpus-per-cell, ..., --sbatch-extra). GPUs, CPUs and
+    memory are per node; a job of more than one process in all (nodes x processes per node) trains DDP."""
 
     partition: Optional[str] = None
     gpus: int = 1
@@ -67,14 +70,47 @@ class Resources:
     time_min: int = 720
     account: Optional[str] = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    nodes: int = 1
+    tasks_per_node: Optional[int] = None  # default: one per GPU, or 1
+
+    @property
+    def processes(self) -> int:
+        """Training processes on each node: --tasks-per-node, else one per GPU (at least one)."""
+        return self.tasks_per_node or max(self.gpus, 1)
+
+    @property
+    def world(self) -> int:
+        """Training processes in all (DDP's world size)."""
+        return self.nodes * self.processes
+
+    @property
+    def threads(self) -> int:
+        """CPUs of each training process."""
+        return max(1, self.cpus // self.processes)
+
+    def single(self) -> Resources:
+        """A one-process job on one node (at most one GPU, the node's CPUs and memory): what an evaluation uses,
+        so the late phase (AutoAttack) of a DDP cell holds no GPU it leaves idle."""
+        return dataclasses.replace(self, nodes=1, tasks_per_node=None, gpus=min(self.gpus, 1))
+
+    def check(self) -> None:
+        """Combinations no sbatch could run as meant: a GPU shared by two processes, a process without a CPU."""
+        if self.gpus and self.processes > self.gpus:
+            raise UsageError(f"--tasks-per-node {self.processes} is more than the {self.gpus} GPU(s) per node of "
+                             "--gpus-per-cell: each training process needs a GPU of its own")
+        if self.cpus < self.processes:
+            raise UsageError(f"--cpus-per-cell {self.cpus} is fewer than the {self.processes} training processes "
+                             "per node: give each at least one CPU")
 
     def parameters(self, name: str) -> dict[str, Any]:
-        """submitit.SlurmExecutor's parameters of one cell's job: one task on one node, requeueable whatever the
-        cluster's default (JobRequeue), the free-form --sbatch-extra last."""
-        p: dict[str, Any] = {"job_name": name, "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": self.cpus,
-                             "time": self.time_min}
+        """submitit.SlurmExecutor's parameters of one cell's job: one task per training process (submitit's srun
+        runs CellJob in each), requeueable whatever the cluster's default (JobRequeue), the free-form
+        --sbatch-extra last. A DDP job's step ends as a whole when a task fails, so no rank waits on a dead one."""
+        p: dict[str, Any] = {"job_name": name, "nodes": self.nodes, "ntasks_per_node": self.processes,
+                             "cpus_per_task": self.threads, "time": self.time_min}
         optional = {"gpus_per_node": self.gpus or None, "partition": self.partition, "account": self.account,
-                    "mem": None if self.mem_gb is None else f"{int(round(self.mem_gb * 1024))}MB"}
+                    "mem": None if self.mem_gb is None else f"{int(round(self.mem_gb * 1024))}MB",
+                    "srun_args": ["--kill-on-bad-exit=1"] if self.world > 1 else None}
         return {**p, **{k: v for k, v in optional.items() if v is not None},
                 "additional_parameters": {"requeue": True, **self.extra}}
 
@@ -82,8 +118,8 @@ class Resources:
         """The parameters as the sbatch flags submitit writes (it adds its log files and --signal=USR2@90: the
         time limit's warning, on which it requeues the job)."""
         p = self.parameters(name)
-        flags = {**{k: v for k, v in p.items() if k != "additional_parameters"}, "signal": "USR2@90",
-                 **p["additional_parameters"]}
+        flags = {**{k: v for k, v in p.items() if k not in ("additional_parameters", "srun_args")},
+                 "signal": "USR2@90", **p["additional_parameters"]}
         return [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in flags.items()]
 
 
@@ -110,6 +146,22 @@ def with_checkpoints(steps: list[Step], minutes: float) -> list[Step]:
         if step.argv[0] == "train" and minutes > 0:
             step.argv += ["--checkpoint-every-minutes", f"{minutes:g}"]
     return steps
+
+
+def job_task(env: Any = None) -> tuple[int, int]:
+    """(rank, tasks) of this task of the job's step: SLURM_PROCID and SLURM_NTASKS, (0, 1) outside SLURM."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("SLURM_PROCID", 0)), max(1, int(env.get("SLURM_NTASKS", 1)))
+    except ValueError:
+        return 0, 1
+
+
+def plan_file(out: Path, env: Any = None) -> Path:
+    """Where task 0 of a DDP job publishes its training step for the other tasks: one file per job and start
+    (SLURM_RESTART_COUNT counts the requeues), so a requeued job never reads its last start's plan."""
+    env = os.environ if env is None else env
+    return out / "slurm" / f"{env.get('SLURM_JOB_ID', 'nojob')}_{env.get('SLURM_RESTART_COUNT', '0')}_plan.json"
 
 
 class CellFailed(RuntimeError):
@@ -139,15 +191,24 @@ class CellJob(Checkpointable):
 
     def __call__(self) -> dict[str, Any]:
         out, cell = Path(self.out), self.spec.cell(self.cell)
-        cfg, run = self.spec.train_config(cell, self.seed), run_dir(out, cell, self.seed)
-        state = train_state(run, cfg)
-        if self.late and state != "done":
-            raise CellFailed(f"its late phase started before its training finished (training {state})")
-        if state == "new":
-            write_cell_config(out, self.ident, cfg)
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        steps = with_checkpoints(plan_steps(self.spec, out, cell, self.seed, state, self.late), self.checkpoint_minutes)
-        print(f"{self.ident} ({PHASES[self.late]} phase, training {state}): {len(steps)} step(s)", flush=True)
+        run, (rank, tasks) = run_dir(out, cell, self.seed), job_task()
+        if rank > 0:  # a DDP cell's other tasks: the training step task 0 planned, then nothing
+            steps = self._follow(out, rank)
+            state = "planned by task 0"
+        else:
+            cfg = self.spec.train_config(cell, self.seed)
+            state = train_state(run, cfg)
+            if self.late and state != "done":
+                raise CellFailed(f"its late phase started before its training finished (training {state})")
+            if state == "new":
+                write_cell_config(out, self.ident, cfg)
+            (out / "logs").mkdir(parents=True, exist_ok=True)
+            steps = with_checkpoints(plan_steps(self.spec, out, cell, self.seed, state, self.late),
+                                     self.checkpoint_minutes)
+            if tasks > 1:
+                atomic_write_text(plan_file(out), json.dumps({"train": [s.argv for s in steps if s.log == "train"]}))
+        print(f"{self.ident} ({PHASES[self.late]} phase, task {rank} of {tasks}, training {state}): {len(steps)} "
+              "step(s)", flush=True)
         children, stopped = Children(), []
 
         def stop(signum: int, frame: Any) -> None:  # SLURM signals every process of the job: start no next step
@@ -164,6 +225,17 @@ class CellJob(Checkpointable):
         if error:
             raise CellFailed(error)
         return {"cell": self.ident, "phase": PHASES[self.late], "seconds": seconds}
+
+    def _follow(self, out: Path, rank: int) -> list[Step]:
+        """Task `rank` > 0 of a DDP job: wait for task 0's plan, then run the same training (its `iat train` reads
+        its rank from SLURM's variables: runtime.distributed.slurm_env), logged apart; the evaluations are task
+        0's alone."""
+        path, deadline = plan_file(out), time.monotonic() + PLAN_WAIT_SECONDS
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                raise CellFailed(f"task {rank}: task 0 published no plan ({path}) in {PLAN_WAIT_SECONDS:g} s")
+            time.sleep(0.2)
+        return [Step(f"train-task{rank}", argv) for argv in json.loads(path.read_text())["train"]]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit calls this on the time limit's warning signal, then requeues the job: the same job again,
@@ -329,7 +401,8 @@ def submit(spec: TableSpec, out: Path, cells: list[CellState], res: Resources, t
     for c in todo:
         name, seed = c.ident.rsplit("/seed", 1)
         job = CellJob(spec, str(out), name, int(seed), c.phase == "late", threads, minutes)
-        executor.update_parameters(**res.parameters(job_name(spec, c.ident)))
+        job_res = res.single() if c.phase == "late" else res
+        executor.update_parameters(**job_res.parameters(job_name(spec, c.ident)))
         try:
             submitted = executor.submit(job)
         except Exception as err:  # noqa: BLE001 - sbatch's refusal (a bad partition, account, parameter)

@@ -22,6 +22,7 @@ from .. import config as C
 from ..errors import UsageError
 from ..records import RunRecord, read_run
 from ..runtime.checkpoint import load_checkpoint
+from ..runtime.distributed import launch_rank
 
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "tensorboard")
 EVAL_FILES = ("eval-*.json", "eval-*.csv", "eval-*.md", "eval-*-eps-sweep.png")  # what iat eval writes beside a run
@@ -95,6 +96,8 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None,
     exists = holds_run(out)
     if saved is not None and overwrite:
         raise UsageError("--resume continues a run and --overwrite replaces it; pass only one of them")
+    if launch_rank() != 0:  # rank 0 checks and locks the folder; a rank that starts later would find it in use
+        return _train_other_rank(cfg, out, saved)
     holder = lock_holder(out)
     if holder is not None:  # a run in progress: neither --resume nor --overwrite would help
         raise UsageError(_in_use(out, holder, "--out"))
@@ -127,6 +130,19 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None,
         elif exists and main_rank:
             clear(out)
         return trainer.fit()  # starts with a barrier, so no rank trains before the directory is cleared
+
+
+def _train_other_rank(cfg: C.TrainConfig, out: Path, saved: Optional[RunRecord]) -> dict[str, Any]:
+    """A rank > 0 of a multi-process run: it never writes the run directory, so it checks nothing there; it
+    follows rank 0, whose checks and lock hold for every rank (the first barrier waits for them)."""
+    from .trainer import Trainer
+
+    trainer = Trainer(cfg, out)
+    if saved is not None and (out / "checkpoints" / "last.safetensors").exists():
+        trainer.resume()
+    elif saved is not None:
+        trainer.check_same_run(saved, out / "config.json")
+    return trainer.fit()
 
 
 def lock_path(out: Path) -> Path:

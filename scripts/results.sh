@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Regenerate docs/results.md's tables: run (or continue) each CPU-scale table, keep a copy of its run
 # directories without checkpoints in docs/results/runs/, and paste the tables into docs/results.md.
-#   scripts/results.sh                      # all six tables, 2 cells at a time (hours on 2 cores)
+#   scripts/results.sh                      # all seven tables, 2 cells at a time (hours on 2 cores)
 #   RUNS=/big/disk scripts/results.sh c3-cifar10-jpeg
 #   EXPORT_ONLY=1 scripts/results.sh        # no training: copy what is finished in $RUNS, rebuild the tables
 #   TABLE_ONLY=1 scripts/results.sh         # no training: rebuild the tables from docs/results/runs/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tables=("$@")
-[ ${#tables[@]} -eq 0 ] && tables=(c1c2-cifar10-jpeg c1c2-fashion-mnist c3-cifar10-jpeg c3-cifar10-jpeg-noisy anchor-fashion-mnist anchor-fashion-mnist-6ep)
+[ ${#tables[@]} -eq 0 ] && tables=(c1c2-cifar10-jpeg c1c2-fashion-mnist c3-cifar10-jpeg c3-cifar10-jpeg-noisy anchor-fashion-mnist anchor-fashion-mnist-6ep anchor-fashion-mnist-cekl)
 runs=${RUNS:-runs/reproduce}
 iat=${IAT:-.venv/bin/iat}
 for t in "${tables[@]}"; do

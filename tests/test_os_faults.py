@@ -158,3 +158,19 @@ def test_an_error_every_rank_meets_is_printed_by_rank_0_alone(env, monkeypatch, 
     assert main(bad) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "epochs" in err[0]
+
+
+@pytest.mark.parametrize("env", [{"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"},
+                                 {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0",
+                                  "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost"}],
+                         ids=["torchrun", "srun"])
+def test_the_first_rank_of_another_node_names_itself_in_its_error(env, monkeypatch, capsys):
+    """A node of its own may lack what rank 0's has (its copy of the data): its first rank says so, naming its
+    rank and host, so a multi-node run does not fail in silence there."""
+    import socket
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", *FAST, "--epochs", "0", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"iat: error (rank 2, {socket.gethostname()}): ") and "epochs" in err[0]

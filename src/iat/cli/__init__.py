@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import warnings
 from collections.abc import Sequence
@@ -53,8 +54,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as err:
         if args.debug:
             raise
-        if _launch_rank() == 0:  # under torchrun or srun every rank meets the same bad input: rank 0 says it
+        rank, local = _launch_place()
+        if rank == 0:  # under torchrun or srun every rank meets the same bad input: rank 0 says it
             print(f"iat: error: {err}", file=sys.stderr)
+        elif local == 0:  # ... and the first rank of every other node, whose own files (its data) may differ
+            print(f"iat: error (rank {rank}, {socket.gethostname()}): {err}", file=sys.stderr)
         return 2
     except OSError as err:
         if args.debug:
@@ -73,9 +77,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _launch_rank() -> int:
-    from ..runtime.distributed import launch_rank  # torch: imported only when an error is printed
+    return _launch_place()[0]
 
-    return launch_rank()
+
+def _launch_place() -> tuple[int, int]:
+    """(rank, rank on its node) as torchrun or srun set them; (0, 0) for a single process."""
+    from ..runtime.distributed import launch_local_rank, launch_rank  # torch: imported only for an error
+
+    return launch_rank(), launch_local_rank()
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -76,6 +76,15 @@ def launch_rank(env: Mapping[str, str] = os.environ) -> int:
         return 0
 
 
+def launch_local_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's rank on its node as its launcher set it (torchrun's LOCAL_RANK, or srun's SLURM_LOCALID in a
+    multi-task step); 0 when it cannot be read."""
+    try:
+        return int(env.get("LOCAL_RANK") or slurm_env(env).get("LOCAL_RANK") or 0)
+    except (ValueError, UsageError):
+        return 0
+
+
 def slurm_env(env: Mapping[str, str]) -> dict[str, str]:
     """The variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), read from SLURM's
     for a task of a job step of SLURM_NTASKS > 1; {} otherwise, and whenever any of torchrun's is set (they win).

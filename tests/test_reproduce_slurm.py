@@ -387,8 +387,9 @@ def slurm_node_or_skip() -> None:
     if shutil.which("sinfo") is None:
         pytest.skip("sinfo is not on PATH: no SLURM here (bash scripts/slurm-local.sh starts a one-node one)")
     done = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0 or not {"idle", "mix"} & set(done.stdout.split()):
-        pytest.skip(f"no idle SLURM node (sinfo: {done.stdout.strip() or done.stderr.strip() or 'nothing'}); "
+    states = {state.rstrip("*~#!%$@^-") for state in done.stdout.split()}
+    if done.returncode != 0 or not {"idle", "mix", "alloc", "comp"} & states:  # a busy node: the jobs queue
+        pytest.skip(f"no SLURM node up (sinfo: {done.stdout.strip() or done.stderr.strip() or 'nothing'}); "
                     "bash scripts/slurm-local.sh starts one")
 
 

@@ -5,7 +5,6 @@ the other finishes, and a job requeued mid-training that resumes to the weights 
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from iat.errors import UsageError
 from iat.reproduce import slurm
 from iat.reproduce import spec as specs
 from iat.reproduce.runner import plan_steps
+
+from slurm_helpers import slurm_node_or_skip
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -382,16 +383,6 @@ def test_the_dry_run_prints_each_cells_job_the_jobs_and_the_gpu_hours(tmp_path, 
 
 
 # ----------------------------------------------------------------- a real SLURM
-
-def slurm_node_or_skip() -> None:
-    if shutil.which("sinfo") is None:
-        pytest.skip("sinfo is not on PATH: no SLURM here (bash scripts/slurm-local.sh starts a one-node one)")
-    done = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
-    states = {state.rstrip("*~#!%$@^-") for state in done.stdout.split()}
-    if done.returncode != 0 or not {"idle", "mix", "alloc", "comp"} & states:  # a busy node: the jobs queue
-        pytest.skip(f"no SLURM node up (sinfo: {done.stdout.strip() or done.stderr.strip() or 'nothing'}); "
-                    "bash scripts/slurm-local.sh starts one")
-
 
 @pytest.fixture
 def cluster(tmp_path, env):

@@ -16,6 +16,8 @@ from iat.errors import UsageError
 from iat.runtime import distributed
 from iat.runtime.distributed import expand_hostlist, slurm_env
 
+from slurm_helpers import slurm_node_or_skip
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # what srun sets in task 1 of a 2-task step of job 123456 on node[03-05] (a batch script lacks SLURM_STEP_ID)
@@ -152,17 +154,6 @@ TRAIN = ["train", "--method", "pgd-at", "--dataset", "synthetic", "--model", "cn
          "--seed", "5", "--device", "cpu", "--speed-layout", "nchw", "--speed-compile", "false",
          "--checkpoint-every-minutes", "1e-5", "--no-progress"]
 TIMING = ("epoch_seconds", "images_per_second")
-
-
-def slurm_node_or_skip() -> None:
-    if shutil.which("sinfo") is None:
-        pytest.skip("sinfo is not on PATH: no SLURM here (bash scripts/slurm-local.sh starts a one-node one)")
-    done = subprocess.run(["sinfo", "-h", "-o", "%t %c"], capture_output=True, text=True, timeout=30)
-    states = [state.rstrip("*~#!%$@^-") for state in done.stdout.split()[::2]]
-    if done.returncode != 0 or not {"idle", "mix", "alloc", "comp"} & set(states):
-        seen = " ".join((done.stdout or done.stderr).split()) or "nothing"
-        pytest.skip(f"no SLURM node up (sinfo: {seen}): SLURM is not running (bash scripts/slurm-local.sh "
-                    "starts it)")  # a busy node is fine: srun waits for its turn
 
 
 def launch_env() -> dict[str, str]:

@@ -136,12 +136,22 @@ def test_a_rank_that_starts_after_rank_0_took_the_run_folder_follows_it(tmp_path
     a rank > 0 that finds the folder locked by rank 0 and holding its new run's config.json follows rank 0 into
     training, instead of refusing the folder as in use or "started meanwhile by another process" (which left
     rank 0 waiting for a peer that had exited 2). tests/test_reproduce_slurm.py runs such a start for real."""
-    from iat.training import run_dir
+    import types
+
+    from iat.training import run_dir, trainer
 
     out = tmp_path / "run"
     followed = []
-    monkeypatch.setattr(run_dir, "_train_other_rank", lambda cfg, o, saved: followed.append(o) or {"ok": 1},
-                        raising=False)
+
+    class Follower:  # a rank > 0 of a group it would join; here, what it was asked to do
+        def __init__(self, cfg, o, *args):
+            self.dist = types.SimpleNamespace(is_main=False)
+            followed.append(o)
+
+        def fit(self):
+            return {"ok": 1}
+
+    monkeypatch.setattr(trainer, "Trainer", Follower)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with run_dir.run_lock(out):  # rank 0, which has written its config.json

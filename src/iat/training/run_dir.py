@@ -96,23 +96,12 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None,
     exists = holds_run(out)
     if saved is not None and overwrite:
         raise UsageError("--resume continues a run and --overwrite replaces it; pass only one of them")
-    if launch_rank() != 0:  # rank 0 checks and locks the folder; a rank that starts later would find it in use
-        return _train_other_rank(cfg, out, saved)
-    holder = lock_holder(out)
-    if holder is not None:  # a run in progress: neither --resume nor --overwrite would help
-        raise UsageError(_in_use(out, holder, "--out"))
-    if exists and saved is None and not overwrite:
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    ours = set(leftovers(out)) | {out / "checkpoints"}
-    if not exists and out.is_dir() and any(not p.name.endswith(".iat-lock") and p not in ours for p in out.iterdir()):
-        raise UsageError(f"{out} holds files that are not an iat run; choose a new or empty folder as --out")
-    check_writable(out)
-    if exists and overwrite:
-        check_removable(out)  # an old file that cannot be removed fails here, before anything is removed
+    if launch_rank() == 0:  # rank 0 checks and locks the folder for every rank; one that starts later finds it taken
+        _check_out(out, exists, saved, overwrite)
     trainer = Trainer(cfg, out)  # every bad input fails here, before anything in `out` changes
     main_rank = trainer.dist.is_main  # under torchrun only rank 0 touches the run directory
     with run_lock(out) if main_rank else nullcontext():
-        if holds_run(out) and not exists:  # another process started a run here while we were loading
+        if main_rank and holds_run(out) and not exists:  # another process started a run here while we loaded
             what = ("run the command again to replace it" if overwrite
                     else "pass --resume to continue it or --overwrite to replace it")
             raise UsageError(f"{out} already holds a run (started meanwhile by another process, which the "
@@ -132,17 +121,20 @@ def train(cfg: C.TrainConfig, out: Path, *, saved: Optional[RunRecord] = None,
         return trainer.fit()  # starts with a barrier, so no rank trains before the directory is cleared
 
 
-def _train_other_rank(cfg: C.TrainConfig, out: Path, saved: Optional[RunRecord]) -> dict[str, Any]:
-    """A rank > 0 of a multi-process run: it never writes the run directory, so it checks nothing there; it
-    follows rank 0, whose checks and lock hold for every rank (the first barrier waits for them)."""
-    from .trainer import Trainer
-
-    trainer = Trainer(cfg, out)
-    if saved is not None and (out / "checkpoints" / "last.safetensors").exists():
-        trainer.resume()
-    elif saved is not None:
-        trainer.check_same_run(saved, out / "config.json")
-    return trainer.fit()
+def _check_out(out: Path, exists: bool, saved: Optional[RunRecord], overwrite: bool) -> None:
+    """What rank 0 checks before it trains into `out` (`exists`: it holds a run): not in use, no run lost unless
+    --resume or --overwrite, nothing of others in it, writable, and removable if it is to be overwritten."""
+    holder = lock_holder(out)
+    if holder is not None:  # a run in progress: neither --resume nor --overwrite would help
+        raise UsageError(_in_use(out, holder, "--out"))
+    if exists and saved is None and not overwrite:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    ours = set(leftovers(out)) | {out / "checkpoints"}
+    if not exists and out.is_dir() and any(not p.name.endswith(".iat-lock") and p not in ours for p in out.iterdir()):
+        raise UsageError(f"{out} holds files that are not an iat run; choose a new or empty folder as --out")
+    check_writable(out)
+    if exists and overwrite:
+        check_removable(out)  # an old file that cannot be removed fails here, before anything is removed
 
 
 def lock_path(out: Path) -> Path:

@@ -146,7 +146,8 @@ def test_a_ddp_jobs_other_tasks_run_the_training_task_0_planned(tmp_path, monkey
     monkeypatch.setattr(slurm, "_run_cell", fake_run_cell)
     monkeypatch.setattr(slurm, "PLAN_WAIT_SECONDS", 0.5)
     job = slurm.CellJob(spec, str(out), "iat", 0, False, 1, 5.0)
-    base = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_RESTART_COUNT": "1"}
+    base = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_RESTART_COUNT": "1",
+            "SLURM_STEP_NODELIST": "localhost"}  # a task of a 2-task step, as srun starts it
     monkeypatch.setattr(os, "environ", {**os.environ, **base, "SLURM_PROCID": "1"})
     with pytest.raises(slurm.CellFailed, match="task 0 published no plan"):
         job()  # task 0 has not planned this start yet

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from ..errors import UsageError
 from ..records import atomic_write_text
+from ..runtime.distributed import slurm_env
 from ..training.run_dir import run_lock
 from .runner import (
     Children,
@@ -148,19 +149,17 @@ def with_checkpoints(steps: list[Step], minutes: float) -> list[Step]:
     return steps
 
 
-def job_task(env: Any = None) -> tuple[int, int]:
-    """(rank, tasks) of this task of the job's step: SLURM_PROCID and SLURM_NTASKS, (0, 1) outside SLURM."""
-    env = os.environ if env is None else env
-    try:
-        return int(env.get("SLURM_PROCID", 0)), max(1, int(env.get("SLURM_NTASKS", 1)))
-    except ValueError:
-        return 0, 1
+def job_task() -> tuple[int, int]:
+    """(rank, tasks) of this task of the job's step, as its `iat train` will read them (runtime.distributed's
+    slurm_env); (0, 1) for a one-task step or outside SLURM."""
+    place = slurm_env(os.environ)
+    return int(place.get("RANK", 0)), int(place.get("WORLD_SIZE", 1))
 
 
-def plan_file(out: Path, env: Any = None) -> Path:
+def plan_file(out: Path) -> Path:
     """Where task 0 of a DDP job publishes its training step for the other tasks: one file per job and start
     (SLURM_RESTART_COUNT counts the requeues), so a requeued job never reads its last start's plan."""
-    env = os.environ if env is None else env
+    env = os.environ
     return out / "slurm" / f"{env.get('SLURM_JOB_ID', 'nojob')}_{env.get('SLURM_RESTART_COUNT', '0')}_plan.json"
 
 
